@@ -1,0 +1,194 @@
+"""The analytic oracle: Gaussian-mixture data, for which every Gaussian path is closed form.
+
+Time convention: **t = 0 is noise, t = 1 is data**; x_t = α_t·x + σ_t·ε.
+
+For data Σ_k π_k N(μ_k, diag(s_k²)) the marginal at time t is p_t = Σ_k π_k N(α_t μ_k, diag(C_k)),
+C_k = α_t² s_k² + σ_t². Per component (formulas sheet §6.1):
+
+    s_k(x)     = −(x − α μ_k)/C_k                                  (score)
+    u^{(k)}(x) = α̇ μ_k + ½ Ċ_k/C_k · (x − α μ_k),  Ċ_k = 2αα̇ s_k² + d(σ²)/dt   (velocity)
+    E[x|x_t,k] = μ_k + α s_k² (x − α μ_k)/C_k,  E[ε|x_t,k] = σ (x − α μ_k)/C_k
+
+mixed with the posterior responsibilities r_k(x) ∝ π_k N(x; α μ_k, C_k). These component forms are regular at
+both ends of [0, 1] wherever C_k > 0 (the score form (α̇/α)x + … of the velocity is not), and d(σ²)/dt comes
+from the path's ``d_sigma_sq`` so VP paths stay finite at t = 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+
+from .paths import AbstractPath, check_time
+from .targets import KINDS
+
+__all__ = ["GaussianMixture"]
+
+Scalar = Float[ArrayLike, ""]
+
+
+class GaussianMixture(eqx.Module):
+    """A diagonal Gaussian mixture Σ_k π_k N(μ_k, diag(s_k²)) in D dimensions: the data distribution at t = 1.
+
+    Args:
+        weights: (K,) mixture weights (normalised here; must be positive).
+        means: (K, D) component means.
+        variances: (K, D) or (K,) or scalar component variances s_k² (> 0).
+    """
+
+    log_weights: Float[Array, " K"]
+    means: Float[Array, "K D"]
+    variances: Float[Array, "K D"]
+
+    def __init__(self, weights, means, variances):
+        f = jnp.result_type(float)
+        weights = jnp.asarray(weights, f)
+        means = jnp.asarray(means, f)
+        if means.ndim == 1:
+            means = means[None, :]
+        if weights.ndim != 1 or weights.shape[0] != means.shape[0]:
+            raise ValueError(
+                f"GaussianMixture: weights must have shape (K,) matching means (K, D); got "
+                f"weights {weights.shape}, means {means.shape}"
+            )
+        variances = jnp.asarray(variances, f)
+        if variances.ndim == 1 and variances.shape[0] == means.shape[0]:
+            variances = variances[:, None]
+        try:
+            variances = jnp.broadcast_to(variances, means.shape)
+        except ValueError:
+            raise ValueError(
+                f"GaussianMixture: variances of shape {variances.shape} do not broadcast to means "
+                f"{means.shape}"
+            ) from None
+        if not isinstance(weights, jax.core.Tracer) and not bool(jnp.all(weights > 0)):
+            raise ValueError("GaussianMixture: weights must be positive")
+        if not isinstance(variances, jax.core.Tracer) and not bool(jnp.all(variances > 0)):
+            raise ValueError("GaussianMixture: variances must be positive")
+        self.log_weights = jnp.log(weights) - jnp.log(jnp.sum(weights))
+        self.means = means
+        self.variances = variances
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    @property
+    def weights(self) -> Float[Array, " K"]:
+        return jnp.exp(self.log_weights)
+
+    def mean(self) -> Float[Array, " D"]:
+        """E[x]."""
+        return self.weights @ self.means
+
+    def covariance(self) -> Float[Array, "D D"]:
+        """Cov[x] = Σ_k π_k (diag(s_k²) + μ_kμ_kᵀ) − E[x]E[x]ᵀ."""
+        w = self.weights
+        m = self.mean()
+        second = jnp.einsum("k,kd,ke->de", w, self.means, self.means) + jnp.diag(w @ self.variances)
+        return second - jnp.outer(m, m)
+
+    def _check_x(self, x):
+        if jnp.shape(x) != (self.dim,):
+            raise ValueError(
+                f"GaussianMixture: x must have shape ({self.dim},) (one example; vmap for batches), "
+                f"got {jnp.shape(x)}"
+            )
+
+    # --- data distribution (t = 1) -------------------------------------------------------------------
+    def log_prob(self, x: Float[Array, " D"]) -> Float[Array, ""]:
+        """log p_data(x) for one example."""
+        self._check_x(x)
+        return jax.nn.logsumexp(self._log_joint(x, self.means, self.variances))
+
+    def sample(self, key: PRNGKeyArray, n: int) -> Float[Array, "n D"]:
+        """n independent draws from the mixture."""
+        kc, kn = jax.random.split(key)
+        k = jax.random.categorical(kc, self.log_weights, shape=(n,))
+        z = jax.random.normal(kn, (n, self.dim), self.means.dtype)
+        return self.means[k] + jnp.sqrt(self.variances[k]) * z
+
+    def _log_joint(self, x, m, c):
+        """log π_k + log N(x; m_k, diag(c_k)) for every k."""
+        d = x.shape[-1]
+        quad = jnp.sum(jnp.square(x - m) / c, axis=-1)
+        logdet = jnp.sum(jnp.log(c), axis=-1)
+        return self.log_weights - 0.5 * (quad + logdet + d * math.log(2 * math.pi))
+
+    # --- marginals along a path ----------------------------------------------------------------------
+    def _stats(self, path: AbstractPath, t, x):
+        self._check_x(x)
+        t = check_time(t)
+        a, s, da, _ = path.coefficients(t)
+        dsig2 = path.d_sigma_sq(t)
+        m = a * self.means
+        c = a * a * self.variances + s * s
+        dc = 2.0 * a * da * self.variances + dsig2
+        logj = self._log_joint(x, m, c)
+        r = jax.nn.softmax(logj)
+        return a, s, da, m, c, dc, logj, r
+
+    def marginal_log_prob(self, path: AbstractPath, t: Scalar, x: Float[Array, " D"]):
+        """log p_t(x): the exact marginal density of x_t (t = 0 noise, t = 1 data)."""
+        return jax.nn.logsumexp(self._stats(path, t, x)[6])
+
+    def score(self, path: AbstractPath, t: Scalar, x: Float[Array, " D"]) -> Float[Array, " D"]:
+        """∇_x log p_t(x) = Σ_k r_k·(−(x − αμ_k)/C_k)."""
+        _, _, _, m, c, _, _, r = self._stats(path, t, x)
+        return r @ (-(x - m) / c)
+
+    def velocity(self, path: AbstractPath, t: Scalar, x: Float[Array, " D"]) -> Float[Array, " D"]:
+        """The marginal (probability-flow) velocity u_t(x) = Σ_k r_k (α̇μ_k + ½ Ċ_k/C_k (x − αμ_k))."""
+        _, _, da, m, c, dc, _, r = self._stats(path, t, x)
+        return r @ (da * self.means + 0.5 * dc / c * (x - m))
+
+    def divergence(self, path: AbstractPath, t: Scalar, x: Float[Array, " D"]) -> Float[Array, ""]:
+        """∇·u_t(x) = Σ_k r_k [(s_k − ∇log p_t)·u^{(k)} + ½ Σ_d Ċ_k/C_k] in closed form."""
+        _, _, da, m, c, dc, _, r = self._stats(path, t, x)
+        sk = -(x - m) / c
+        uk = da * self.means + 0.5 * dc / c * (x - m)
+        score = r @ sk
+        return jnp.sum(r * (jnp.sum((sk - score) * uk, axis=-1) + 0.5 * jnp.sum(dc / c, axis=-1)))
+
+    def posterior_mean(
+        self, path: AbstractPath, t: Scalar, x: Float[Array, " D"]
+    ) -> Float[Array, " D"]:
+        """E[data | x_t = x], the optimal data prediction (denoiser)."""
+        a, _, _, m, c, _, _, r = self._stats(path, t, x)
+        return r @ (self.means + a * self.variances * (x - m) / c)
+
+    def eps_posterior_mean(
+        self, path: AbstractPath, t: Scalar, x: Float[Array, " D"]
+    ) -> Float[Array, " D"]:
+        """E[ε | x_t = x], the optimal noise prediction."""
+        _, s, _, m, c, _, _, r = self._stats(path, t, x)
+        return r @ (s * (x - m) / c)
+
+    def predict(
+        self, kind: str, path: AbstractPath, t: Scalar, x: Float[Array, " D"]
+    ) -> Float[Array, " D"]:
+        """The exact (Bayes-optimal) prediction of a given kind at (t, x): a perfect model of that kind."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown parameterization kind={kind!r}; expected one of {KINDS}")
+        if kind == "velocity":
+            return self.velocity(path, t, x)
+        if kind == "score":
+            return self.score(path, t, x)
+        if kind == "data":
+            return self.posterior_mean(path, t, x)
+        if kind == "eps":
+            return self.eps_posterior_mean(path, t, x)
+        a, s, _, m, c, _, _, r = self._stats(path, t, x)
+        xhat = r @ (self.means + a * self.variances * (x - m) / c)
+        ehat = r @ (s * (x - m) / c)
+        return a * ehat - s * xhat
+
+    def model(self, kind: str, path: AbstractPath):
+        """A perfect model ``fn(t, x)`` of the given prediction kind on ``path`` (t = 0 noise, t = 1 data)."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown parameterization kind={kind!r}; expected one of {KINDS}")
+        return lambda t, x: self.predict(kind, path, t, x)
