@@ -1,0 +1,214 @@
+"""Tests of diffjax.train: optimisation, purity, compile behaviour, EMA/schedule math, data order, data parallelism.
+
+Time convention: t = 0 is noise, t = 1 is data (the flow-matching objective draws t ~ U(0, 1)).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from diffjax import analytic, data, losses, nn, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(hidden=32):
+    return nn.split(nn.MLP(2, hidden=hidden, depth=2, time_dim=16, rngs=nnx.Rngs(0)))
+
+
+def make(config, hidden=32, donate=False):
+    apply, params = tiny(hidden)
+    objective = losses.flow_matching()
+    optimizer = train.make_optimizer(config)
+    step = train.make_train_step(
+        apply,
+        objective,
+        optimizer,
+        config.ema_decay,
+        schedule=train.make_schedule(config),
+        donate=donate,
+    )
+    state = train.init_state(params, optimizer, jax.random.key(config.seed))
+    return apply, objective, step, state
+
+
+def test_train_step_decreases_flow_matching_loss():
+    config = train.TrainConfig(learning_rate=1e-2, warmup_steps=10, total_steps=150, batch_size=128)
+    apply, objective, step, state = make(config, donate=True)
+    xs = data.toy_sample("8gaussians", jax.random.key(1), 4096)
+    batch_fn = train.dataset_batch_fn(xs, config.batch_size, jax.random.key(2))
+    held_out = data.toy_sample("8gaussians", jax.random.key(9), 4096)
+
+    def evaluate(params):  # same (t, ε) draws for both evaluations: a paired comparison
+        fn = lambda t, x: apply(params, t, x)
+        return float(losses.batch_loss(objective, fn, held_out, jax.random.key(7)))
+
+    # the oracle: the exact minimiser of the flow-matching loss is the mixture's marginal velocity
+    mixture = analytic.GaussianMixture(
+        jnp.full(8, 1 / 8), data.eight_gaussians_centers(), data.EIGHT_GAUSSIANS_STD**2
+    )
+    optimum = float(
+        losses.batch_loss(
+            objective, mixture.model("velocity", objective.path), held_out, jax.random.key(7)
+        )
+    )
+    before = evaluate(state.params)
+    for s in range(config.total_steps):
+        state, metrics = step(state, batch_fn(s))
+    after = evaluate(state.params)
+    assert int(state.step) == config.total_steps
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    # training closes most of the gap to the optimum (zero-initialised output: before = E‖x − ε‖²)
+    assert optimum < after < before
+    assert after - optimum < 0.3 * (before - optimum), (optimum, before, after)
+    # the EMA (β = 0.999 over 150 steps) has barely moved from the start: a negative control of the EMA decay
+    assert evaluate(state.ema_params) - optimum > 0.5 * (before - optimum)
+
+
+def test_train_step_is_pure_and_compiles_once():
+    config = train.TrainConfig(warmup_steps=2, total_steps=20, batch_size=16)
+    apply, params = tiny()
+    traces = []
+
+    def counting_apply(p, t, x):
+        traces.append(1)
+        return apply(p, t, x)
+
+    optimizer = train.make_optimizer(config)
+    step = train.make_train_step(
+        counting_apply, losses.flow_matching(), optimizer, 0.9, donate=False
+    )
+    state = train.init_state(params, optimizer, jax.random.key(0))
+    batch = data.toy_sample("moons", jax.random.key(1), 16)
+    s1, m1 = step(state, batch)
+    n_traces = len(traces)
+    assert n_traces > 0
+    s1b, m1b = step(state, batch)  # same inputs → same outputs (and the input state is unchanged)
+    for a, b in zip(jax.tree.leaves((s1, m1)), jax.tree.leaves((s1b, m1b)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    s2, m2 = step(s1, data.toy_sample("moons", jax.random.key(2), 16))
+    assert len(traces) == n_traces, "the second call with the same shapes retraced"
+    assert int(s2.step) == 2
+    # different step → different randomness (fold_in(key, step)): a negative control of the purity check
+    s1c, m1c = step(s1, batch)
+    assert float(m1c["loss"]) != float(m1["loss"])
+
+
+def test_ema_and_schedule_match_numpy():
+    beta = 0.9
+    config = train.TrainConfig(
+        learning_rate=1e-2, warmup_steps=3, total_steps=8, ema_decay=beta, final_lr_fraction=0.1
+    )
+    _, _, step, state = make(config)
+    ema = [np.asarray(x, np.float64) for x in jax.tree.leaves(state.params)]
+    lrs = []
+    for s in range(config.total_steps):
+        state, metrics = step(state, data.toy_sample("moons", jax.random.key(s), 32))
+        ema = [
+            beta * e + (1 - beta) * np.asarray(p)
+            for e, p in zip(ema, jax.tree.leaves(state.params), strict=True)
+        ]
+        lrs.append(float(metrics["lr"]))
+    for e, got in zip(ema, jax.tree.leaves(state.ema_params), strict=True):
+        np.testing.assert_allclose(np.asarray(got), e, rtol=1e-5, atol=1e-7)
+    # η(s): linear warm-up 0 → η over W steps, then η_end + (η − η_end)·½(1 + cos(π(s − W)/(T − W)))
+    lr, w, total, end = 1e-2, 3, 8, 1e-3
+    expected = [
+        lr * s / w
+        if s < w
+        else end + (lr - end) * 0.5 * (1 + math.cos(math.pi * (s - w) / (total - w)))
+        for s in range(total)
+    ]
+    np.testing.assert_allclose(lrs, expected, rtol=1e-5, atol=1e-9)
+
+
+def test_ema_update_formula():
+    e = {"a": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+    p = {"a": jnp.array([3.0, -2.0]), "b": jnp.array(0.0)}
+    out = train.ema_update(e, p, 0.75)
+    np.testing.assert_allclose(out["a"], [1.5, 1.0])
+    np.testing.assert_allclose(out["b"], 2.25)
+
+
+def test_dataset_batch_fn_is_a_deterministic_partition():
+    xs = np.arange(20, dtype=np.float32)[:, None] * np.ones((1, 2), np.float32)
+    key = jax.random.key(5)
+    fn = train.dataset_batch_fn(xs, 6, key)
+    epoch0 = np.concatenate([fn(s) for s in range(3)])[:, 0]
+    assert sorted(epoch0.tolist()) == sorted(set(epoch0.tolist()))  # no repeats within an epoch
+    epoch1 = np.concatenate([fn(s) for s in range(3, 6)])[:, 0]
+    assert not np.array_equal(epoch0, epoch1)  # a new order each epoch
+    fresh = train.dataset_batch_fn(xs, 6, key)  # a resumed run
+    np.testing.assert_array_equal(fresh(4), fn(4))
+    np.testing.assert_array_equal(fresh(1), fn(1))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="warmup_steps"):
+        train.TrainConfig(warmup_steps=10, total_steps=10)
+    with pytest.raises(ValueError, match="ema_decay"):
+        train.TrainConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="learning_rate"):
+        train.TrainConfig(learning_rate=0.0)
+    d = train.TrainConfig(grad_clip=float("inf")).to_dict()
+    assert json.loads(json.dumps(d))["grad_clip"] == "inf"
+
+
+def test_fit_runs_and_logs(tmp_path):
+    config = train.TrainConfig(learning_rate=3e-3, warmup_steps=2, total_steps=12, batch_size=16)
+    apply, params = tiny(16)
+    xs = data.toy_sample("moons", jax.random.key(1), 256)
+    seen = []
+    state, history = train.fit(
+        apply,
+        params,
+        losses.flow_matching(),
+        train.dataset_batch_fn(xs, 16, jax.random.key(2)),
+        config,
+        workdir=tmp_path,
+        checkpoint_every=5,
+        log_every=4,
+        callback=lambda s, st, m: seen.append(s),
+        progress=False,
+    )
+    assert int(state.step) == 12
+    assert history["step"] == [4, 8, 12] and seen == [4, 8, 12]
+    assert len(history["loss"]) == 3 and all(np.isfinite(history["loss"]))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["10", "12"] or sorted(
+        int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()
+    ) == [5, 10, 12]
+    assert np.isfinite(
+        np.asarray(jax.tree.leaves(params)[0])
+    ).all()  # the caller's params were not donated
+
+
+def test_multi_device_matches_single_device():
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "_train_proc.py"), "devices", "--steps", "15"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["n_devices"] == 8
+    assert out["batch_devices_many"] == 8 and out["batch_devices_one"] == 1
+    assert out["param_devices_many"] == 8 and out["param_replicated_many"]
+    np.testing.assert_allclose(out["loss_many"], out["loss_one"], rtol=1e-5)
+    assert out["max_param_diff"] < 1e-5
+    assert "not divisible" in out["indivisible_error"]
