@@ -1,0 +1,173 @@
+"""Tests of diffjax.checkpoint: exact round trip, keep-last-K, refusal of incompatible configs and shapes, and a
+real training process killed with SIGKILL and resumed to the bit-identical result of an uninterrupted run.
+
+Time convention of the trained model: t = 0 is noise, t = 1 is data.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from diffjax import checkpoint, data, losses, nn, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HELPER = os.path.join(ROOT, "tests", "_train_proc.py")
+
+
+def trained_state(hidden=16, steps=2):
+    """A state after a few steps, so that the optimizer moments, EMA, step and key are all non-trivial."""
+    config = train.TrainConfig(warmup_steps=1, total_steps=10, ema_decay=0.5)
+    apply, params = nn.split(nn.MLP(2, hidden=hidden, depth=1, time_dim=8, rngs=nnx.Rngs(0)))
+    optimizer = train.make_optimizer(config)
+    step = train.make_train_step(apply, losses.flow_matching(), optimizer, config.ema_decay)
+    state = train.init_state(params, optimizer, jax.random.key(3))
+    for s in range(steps):
+        state, _ = step(state, data.toy_sample("moons", jax.random.key(s), 8))
+    return state, config
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_round_trip_is_exact(tmp_path):
+    state, config = trained_state()
+    manager = checkpoint.make_manager(tmp_path, keep=2)
+    assert checkpoint.save(manager, 2, state, config.to_dict(), extra={"note": [1, 2]})
+    manager.wait_until_finished()
+    manager.close()
+    abstract = jax.eval_shape(lambda: state)
+    restored, step = checkpoint.restore_latest(tmp_path, abstract, config.to_dict())
+    assert step == 2
+    assert_trees_equal(restored, state)
+    assert int(restored.step) == 2
+    assert checkpoint.read_metadata(tmp_path)["extra"] == {"note": [1, 2]}
+    assert json.loads((tmp_path / "config.json").read_text()) == config.to_dict()
+
+
+def test_restore_from_nothing_is_none(tmp_path):
+    state, config = trained_state()
+    abstract = jax.eval_shape(lambda: state)
+    assert checkpoint.restore_latest(tmp_path / "missing", abstract, config.to_dict()) is None
+    assert checkpoint.restore_latest(tmp_path, abstract, config.to_dict()) is None
+
+
+def test_keeps_last_k(tmp_path):
+    state = {"w": jnp.arange(3.0)}
+    manager = checkpoint.make_manager(tmp_path, keep=2)
+    for s in range(1, 6):
+        checkpoint.save(manager, s, {"w": state["w"] * s}, {"a": 1})
+    manager.wait_until_finished()
+    assert list(manager.all_steps()) == [4, 5]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["4", "5"]
+    manager.close()
+    restored, step = checkpoint.restore_latest(tmp_path, jax.eval_shape(lambda: state), {"a": 1})
+    assert step == 5
+    np.testing.assert_array_equal(restored["w"], [0.0, 5.0, 10.0])
+
+
+def test_refuses_incompatible_config(tmp_path):
+    state, config = trained_state()
+    manager = checkpoint.make_manager(tmp_path)
+    checkpoint.save(manager, 2, state, config.to_dict())
+    manager.wait_until_finished()
+    manager.close()
+    abstract = jax.eval_shape(lambda: state)
+    other = config.replace(learning_rate=0.5, seed=7).to_dict()
+    with pytest.raises(ValueError, match=r"\['learning_rate', 'seed'\]") as info:
+        checkpoint.restore_latest(tmp_path, abstract, other)
+    assert "checkpoint=0.001 vs current=0.5" in str(info.value)
+    with pytest.raises(ValueError, match="extra_key"):
+        checkpoint.restore_latest(tmp_path, abstract, {**config.to_dict(), "extra_key": 1})
+
+
+def test_refuses_different_parameter_shapes(tmp_path):
+    state, config = trained_state(hidden=16)
+    manager = checkpoint.make_manager(tmp_path)
+    checkpoint.save(manager, 2, state, config.to_dict())
+    manager.wait_until_finished()
+    manager.close()
+    wider, _ = trained_state(hidden=32, steps=0)
+    with pytest.raises(ValueError, match="shape/dtype changed") as info:
+        checkpoint.restore_latest(tmp_path, jax.eval_shape(lambda: wider), config.to_dict())
+    assert "[16]" in str(info.value) and "[32]" in str(info.value)
+
+
+def _env():
+    return dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+
+
+def _cmd(workdir, sleep):
+    return [sys.executable, HELPER, "resume", "--workdir", str(workdir), "--steps", "60"] + [
+        "--checkpoint-every",
+        "10",
+        "--sleep",
+        str(sleep),
+    ]
+
+
+def _finalized_steps(workdir):
+    if not workdir.exists():
+        return []
+    return sorted(int(p.name) for p in workdir.iterdir() if p.name.isdigit())
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    # the uninterrupted run and the run to be killed go side by side
+    ref_proc = subprocess.Popen(
+        _cmd(reference, 0.0), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    victim = subprocess.Popen(
+        _cmd(killed, 0.1), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 240
+    while not _finalized_steps(killed):
+        assert victim.poll() is None, "the training process ended before writing a checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert not (killed / "final.npz").exists()
+    steps_at_kill = _finalized_steps(killed)
+    assert steps_at_kill and max(steps_at_kill) < 60
+
+    out, err = ref_proc.communicate(timeout=240)
+    assert ref_proc.returncode == 0, err[-3000:]
+    resumed = subprocess.run(
+        _cmd(killed, 0.0), env=_env(), capture_output=True, text=True, timeout=240
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    info = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert 0 < info["start"] < 60 and info["start"] >= max(
+        steps_at_kill
+    )  # it resumed, not restarted
+    assert info["step"] == 60 and info["n_history"] == 60  # the loss history survived the kill
+
+    a = np.load(reference / "final.npz")
+    b = np.load(killed / "final.npz")
+    assert sorted(a.files) == sorted(b.files) and any("params" in k for k in a.files)
+    for k in a.files:
+        assert np.array_equal(a[k], b[k]), k
+    # negative control: the run did change the parameters (the comparison is not between two initial states)
+    init = nn.split(nn.MLP(2, hidden=16, depth=2, time_dim=8, rngs=nnx.Rngs(0)))[1]
+    first = jax.tree_util.tree_flatten_with_path(init)[0][0]
+    key = ".params" + jax.tree_util.keystr(first[0])
+    assert not np.array_equal(a[key], np.asarray(first[1]))
