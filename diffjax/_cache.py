@@ -1,0 +1,56 @@
+"""JAX's persistent compilation cache for the command line and the experiment scripts.
+
+The first run of ``diffjax train`` compiles the train step, the ODE sampler and the likelihood solve (tens of seconds
+on a small CPU); with the persistent cache a second run loads the compiled executables from disk instead. Library
+code never calls this (no global state in the library); only entry points (``diffjax.cli``, ``experiments/*.py``)
+do, before their first compilation.
+
+Where: ``--cache-dir`` if given, else ``$DIFFJAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/diffjax/jax`` (default
+``~/.cache/diffjax/jax``). ``DIFFJAX_CACHE_DIR=off`` (or ``none``/``0``/empty) turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["ENV_VAR", "default_cache_dir", "resolve_cache_dir", "enable_compilation_cache"]
+
+ENV_VAR = "DIFFJAX_CACHE_DIR"
+_OFF = ("", "0", "off", "none", "false", "no")
+
+
+def default_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/diffjax/jax``, i.e. ``~/.cache/diffjax/jax`` by default."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "diffjax", "jax")
+
+
+def resolve_cache_dir(cache_dir: str | None = None) -> str | None:
+    """The cache directory to use (None: caching off). Precedence: argument, ``$DIFFJAX_CACHE_DIR``, default."""
+    if cache_dir is None:
+        cache_dir = os.environ.get(ENV_VAR)
+        if cache_dir is None:
+            return default_cache_dir()
+    if cache_dir.strip().lower() in _OFF:
+        return None
+    return os.path.abspath(os.path.expanduser(cache_dir))
+
+
+def enable_compilation_cache(
+    cache_dir: str | None = None, min_compile_time_s: float = 0.0
+) -> str | None:
+    """Turn on JAX's persistent compilation cache in ``resolve_cache_dir(cache_dir)``; returns the directory.
+
+    Every compilation that takes at least ``min_compile_time_s`` seconds is written (0: all of them). Must run
+    before the process's first compilation: JAX initialises the cache once, at the first compile.
+    """
+    import jax  # noqa: PLC0415
+
+    path = resolve_cache_dir(cache_dir)
+    if path is None:
+        return None
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
