@@ -1,0 +1,189 @@
+"""The ``diffjax`` command line end to end on tiny runs (t = 0 noise, t = 1 data).
+
+One module-scoped run trains a 16-unit MLP for a few steps; ``sample`` and ``likelihood`` then read it back.
+Numbers are checked for validity (finite, right counts, resumed step counts), and the metrics against independent
+computations where cheap (the energy distance against a numpy implementation; the checkerboard's true NLL log 32).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from diffjax import _cache, cli, experiment
+
+TINY = ["--hidden", "16", "--depth", "1", "--batch-size", "16", "--warmup", "2", "--no-progress"]
+EVAL = ["--num-steps", "8", "--no-progress", "--cache-dir", "off"]
+
+
+def _json_line(capsys) -> dict:
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1, out  # exactly one line on stdout
+    return json.loads(out[0])
+
+
+def _finite(*xs):
+    return all(isinstance(x, (int, float)) and math.isfinite(x) for x in xs)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 4-step run: (workdir, the JSON line that ``train`` printed)."""
+    workdir = tmp_path_factory.mktemp("run")
+    argv = ["train", "--data", "checkerboard", "--steps", "4", "--workdir", str(workdir)]
+    with pytest.MonkeyPatch.context() as mp:
+        lines = []
+        mp.setattr(cli, "_emit", lambda r: lines.append(json.loads(json.dumps(cli._finite(r)))))
+        assert cli.main([*argv, *TINY, "--cache-dir", "off"]) == 0
+    assert len(lines) == 1
+    return workdir, lines[0]
+
+
+def test_json_line_is_valid_json(capsys):
+    # Argument errors are found before any work; a valid run's output is checked on the fixture's run below.
+    assert cli._finite({"a": float("nan"), "b": [1.0, float("inf")]}) == {
+        "a": None,
+        "b": [1.0, None],
+    }
+    cli._emit({"x": 1.5, "y": float("nan")})
+    assert _json_line(capsys) == {"x": 1.5, "y": None}
+
+
+def test_train_result_and_metrics(trained):
+    workdir, r = trained
+    assert (
+        r["command"] == "train" and r["step"] == 4 and r["steps_run"] == 4 and r["start_step"] == 0
+    )
+    assert _finite(r["final_loss"], r["train_wall_s"], r["time_to_first_step_s"])
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert metrics["config"]["objective"] == "fm" and metrics["config"]["path"] == "linear"
+    assert len(metrics["train"]["history"]["loss"]) >= 1
+    assert (workdir / "loss.png").stat().st_size > 0
+
+
+def test_train_resumes_and_continues(trained, capsys):
+    trained, _ = trained
+    capsys.readouterr()
+    argv = ["train", "--data", "checkerboard", "--steps", "6", "--workdir", str(trained)]
+    cli.main([*argv, *TINY, "--cache-dir", "off", "--no-figures"])
+    r = _json_line(capsys)
+    assert (r["start_step"], r["step"], r["steps_run"]) == (4, 6, 2)
+    history = json.loads((trained / "metrics.json").read_text())["train"]["history"]
+    assert history["step"][-1] == 6 and history["step"][0] == 1  # the history covers both runs
+
+
+def test_sample_prints_finite_metrics(trained, capsys):
+    trained, _ = trained
+    capsys.readouterr()
+    cli.main(["sample", "--workdir", str(trained), "--n", "12", *EVAL])
+    r = _json_line(capsys)
+    assert r["command"] == "sample" and r["n"] == 12
+    assert _finite(r["energy_distance"], r["mmd_rbf"], r["nfe_mean"], r["sample_wall_s"])
+    samples = np.load(trained / "samples.npy")
+    assert samples.shape == (12, 2) and np.all(np.isfinite(samples))
+    assert r["nfe_mean"] == 16  # Heun: 2 evaluations × 8 fixed steps
+    for name in ("samples", "trajectories"):
+        assert (trained / f"{name}.png").stat().st_size > 0
+
+
+def test_likelihood_prints_finite_nll(trained, capsys):
+    trained, _ = trained
+    capsys.readouterr()
+    cli.main(
+        ["likelihood", "--workdir", str(trained), "--data", "checkerboard", "--n", "10", *EVAL]
+    )
+    r = _json_line(capsys)
+    assert r["command"] == "likelihood" and r["n"] == 10
+    assert _finite(r["nll"], r["nll_se"])
+    assert r["true_nll"] == pytest.approx(math.log(32.0))
+    # An almost untrained model is worse than the true density (negative control for a too-good NLL).
+    assert r["nll"] > math.log(32.0)
+
+
+def test_unknown_data_set_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--data", "cifar", "--steps", "2", "--workdir", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown data set 'cifar'" in err and "checkerboard" in err  # names the valid ones
+
+
+def test_bad_flag_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--steps", "-3", "--workdir", str(tmp_path)])
+    assert e.value.code == 2
+    assert "positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["sample", "likelihood"])
+def test_no_checkpoint_exits_2(tmp_path, capsys, command):
+    empty = tmp_path / "empty"
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--workdir", str(empty), "--cache-dir", "off"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"no checkpoint in {empty}; run diffjax train first" in err
+    assert "Traceback" not in err
+    assert not empty.exists()  # nothing created
+
+
+def test_resume_with_another_config_exits_2(trained, capsys):
+    trained, _ = trained
+    capsys.readouterr()
+    argv = [
+        "train",
+        "--data",
+        "checkerboard",
+        "--steps",
+        "8",
+        "--lr",
+        "0.5",
+        "--workdir",
+        str(trained),
+    ]
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, *TINY, "--cache-dir", "off"])
+    assert e.value.code == 2
+    assert "lr" in capsys.readouterr().err
+
+
+def test_builders_reject_unknown_names():
+    with pytest.raises(ValueError, match="valid objectives are: fm, eps, v, edm, sd3, elbo"):
+        experiment.build_objective("score")
+    with pytest.raises(ValueError, match="valid paths are"):
+        experiment.build_path("sqrt")
+    with pytest.raises(ValueError, match="valid data sets are"):
+        experiment.ExperimentConfig(data="mnist")
+    cfg = experiment.ExperimentConfig(objective="edm", steps=5).resolved()
+    assert experiment.ExperimentConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_energy_distance_and_mmd_against_numpy():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 2)), rng.normal(1.0, 1.0, size=(30, 2))
+    d = lambda a, b: np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))
+    ref = 2 * d(x, y).mean() - d(x, x).mean() - d(y, y).mean()
+    assert float(experiment.energy_distance(x, y)) == pytest.approx(ref, rel=1e-4, abs=1e-5)
+    h = 0.7
+    k = lambda a, b: np.exp(-(d(a, b) ** 2) / (2 * h * h))
+    kxx, kyy = k(x, x), k(y, y)
+    ref = (
+        (kxx.sum() - np.trace(kxx)) / (40 * 39)
+        + (kyy.sum() - np.trace(kyy)) / (30 * 29)
+        - 2 * k(x, y).mean()
+    )
+    assert float(experiment.mmd_rbf(x, y, np.array([h]))) == pytest.approx(ref, rel=1e-4, abs=1e-6)
+    assert abs(float(experiment.energy_distance(x, x))) < 1e-4  # zero for identical samples
+
+
+def test_cache_dir_resolution(monkeypatch, tmp_path):
+    monkeypatch.delenv(_cache.ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert _cache.resolve_cache_dir() == str(tmp_path / "diffjax" / "jax")
+    monkeypatch.setenv(_cache.ENV_VAR, str(tmp_path / "env"))
+    assert _cache.resolve_cache_dir() == str(tmp_path / "env")
+    assert _cache.resolve_cache_dir(str(tmp_path / "flag")) == str(tmp_path / "flag")  # flag wins
+    assert _cache.resolve_cache_dir("off") is None
