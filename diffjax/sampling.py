@@ -297,7 +297,7 @@ def sample_ode(
     (at ``save_ts``, or when ``save_trajectory``: the grid for fixed steps, else 101 uniform times),
     ``num_steps`` (accepted + rejected) and ``nfe``: evaluations of the (augmented) vector field,
     = stages × steps for fixed steps (Euler N, Heun/midpoint 2N), and for adaptive FSAL Runge–Kutta
-    (stages − 1) × (accepted + rejected) + 1, plus 2 for the PID controller's initial step-size selection.
+    (stages − 1) × (accepted + rejected) + 1 (checked against counted calls).
 
     Raises:
         ValueError: bad solver/grid/trace names or arguments.
@@ -406,7 +406,6 @@ def sample_ode(
         nfe = jnp.asarray(-1)
     else:
         per_step, extra = counts
-        extra = extra + (0 if num_steps is not None else 2)
         nfe = per_step * n_steps + extra
     return SampleResult(
         samples=samples,
