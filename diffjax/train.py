@@ -217,15 +217,17 @@ def _key_data(key) -> Array:
 def init_state(
     params: PyTree, optimizer: optax.GradientTransformation, key: PRNGKeyArray
 ) -> TrainState:
-    """A fresh :class:`TrainState`: step 0, EMA = params, ``optimizer.init(params)``."""
+    """A fresh :class:`TrainState`: step 0, EMA = params, ``optimizer.init(params)``.
+
+    The state holds copies of ``params`` and ``key``, so donating it to the train step leaves them usable.
+    """
+    params = jax.tree.map(jnp.copy, params)
     return TrainState(
         params=params,
         opt_state=optimizer.init(params),
-        ema_params=jax.tree.map(
-            jnp.array, params
-        ),  # a copy, so donating one does not donate the other
+        ema_params=jax.tree.map(jnp.copy, params),
         step=jnp.zeros((), jnp.int32),
-        key=_key_data(key),
+        key=jnp.copy(_key_data(key)),
     )
 
 
