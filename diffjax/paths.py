@@ -223,26 +223,28 @@ class CosinePath(AbstractPath):
     Regular on [0, 1]; the prior N(0, I) is exact.
     """
 
+    # σ is written as sin(π(1 − t)/2) so that it is exactly 0 at t = 1 in float32 (cos(π/2) is not),
+    # and every other quantity is expressed through α and σ so that the endpoints stay exact.
     def _alpha(self, t):
         return jnp.sin(0.5 * jnp.pi * t)
 
     def _sigma(self, t):
-        return jnp.cos(0.5 * jnp.pi * t)
+        return jnp.sin(0.5 * jnp.pi * (1.0 - t))
 
     def _d_alpha(self, t):
-        return 0.5 * jnp.pi * jnp.cos(0.5 * jnp.pi * t)
+        return 0.5 * jnp.pi * self._sigma(t)
 
     def _d_sigma(self, t):
-        return -0.5 * jnp.pi * jnp.sin(0.5 * jnp.pi * t)
+        return -0.5 * jnp.pi * self._alpha(t)
 
     def _d_sigma_sq(self, t):
-        return -0.5 * jnp.pi * jnp.sin(jnp.pi * t)
+        return -jnp.pi * self._alpha(t) * self._sigma(t)
 
     def _log_snr(self, t):
-        return 2.0 * jnp.log(jnp.tan(0.5 * jnp.pi * t))
+        return 2.0 * (jnp.log(self._alpha(t)) - jnp.log(self._sigma(t)))
 
     def _d_log_snr(self, t):
-        return 2.0 * jnp.pi / jnp.sin(jnp.pi * t)
+        return jnp.pi / (self._alpha(t) * self._sigma(t))
 
     def t_from_log_snr(self, lam):
         return (2.0 / jnp.pi) * jnp.arctan(jnp.exp(0.5 * jnp.asarray(lam)))
@@ -340,7 +342,9 @@ class VEPath(AbstractPath):
     sigma_max: Float[Array, ""]
 
     def __init__(self, sigma_min: Scalar = 0.01, sigma_max: Scalar = 50.0):
-        if not isinstance(sigma_min, jax.core.Tracer) and not isinstance(sigma_max, jax.core.Tracer):
+        if not isinstance(sigma_min, jax.core.Tracer) and not isinstance(
+            sigma_max, jax.core.Tracer
+        ):
             if not (0 < float(sigma_min) < float(sigma_max)):
                 raise ValueError(
                     f"VEPath needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}"

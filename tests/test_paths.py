@@ -364,15 +364,11 @@ def test_cosine_endpoint_values(x64):
     np.testing.assert_allclose(float(p.sigma(1.0)), 0.0, atol=1e-15)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG paths.py CosinePath._sigma: cos(π/2·t) at t=1 is −4.37e-8 in float32 (π/2 rounds up), so "
-    "sigma(1.0) < 0 and log_snr(1.0) = NaN; sin(π/2·(1−t)) would give exactly 0",
-)
 def test_cosine_data_end_float32():
     p = CosinePath()
-    assert float(p.sigma(1.0)) >= 0.0
-    assert not math.isnan(float(p.log_snr(1.0)))
+    assert float(p.sigma(1.0)) == 0.0
+    assert float(p.log_snr(1.0)) == math.inf
+    assert float(p.log_snr(0.0)) == -math.inf
 
 
 def test_t_from_log_snr_clips_to_range(x64):
