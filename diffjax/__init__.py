@@ -1,8 +1,56 @@
 """diffjax: diffusion and flow matching in JAX.
 
-Time convention everywhere: t = 0 is noise, t = 1 is data; x_t = α_t·x + σ_t·ε.
+Time convention everywhere: **t = 0 is noise, t = 1 is data**; x_t = α_t·x + σ_t·ε, λ_t = log(α_t²/σ_t²).
+
+Submodules: ``paths`` (Gaussian paths), ``targets`` (parameterizations and exact conversions), ``losses``
+(weighted objectives and presets), ``fields`` (model adapters, divergences), ``sampling`` (PF-ODE and reverse
+SDE), ``likelihood`` (exact log-likelihood, bits/dim), ``vlb`` (continuous-time ELBO), ``analytic``
+(Gaussian-mixture oracle), ``nn`` (flax models), ``data``, ``train``, ``checkpoint``.
 """
 
+from . import (
+    analytic as analytic,
+    checkpoint as checkpoint,
+    data as data,
+    fields as fields,
+    likelihood as likelihood,
+    losses as losses,
+    nn as nn,
+    paths as paths,
+    sampling as sampling,
+    targets as targets,
+    train as train,
+    vlb as vlb,
+)
+from .analytic import GaussianMixture as GaussianMixture
+from .fields import (
+    divergence_exact as divergence_exact,
+    divergence_hutchinson as divergence_hutchinson,
+    score_field as score_field,
+    velocity_field as velocity_field,
+)
+from .likelihood import (
+    LikelihoodResult as LikelihoodResult,
+    bits_per_dim as bits_per_dim,
+    log_likelihood as log_likelihood,
+    log_likelihood_with_stats as log_likelihood_with_stats,
+)
+from .losses import (
+    ImpliedWeighting as ImpliedWeighting,
+    Objective as Objective,
+    batch_loss as batch_loss,
+    ddpm as ddpm,
+    edm as edm,
+    flow_matching as flow_matching,
+    implied_weighting as implied_weighting,
+    loss as loss,
+    min_snr as min_snr,
+    score_matching as score_matching,
+    sd3 as sd3,
+    sigmoid as sigmoid,
+    v_prediction as v_prediction,
+    weighted_objective as weighted_objective,
+)
 from .paths import (
     AbstractPath as AbstractPath,
     CosinePath as CosinePath,
@@ -13,6 +61,13 @@ from .paths import (
     VEPath as VEPath,
     VPPath as VPPath,
 )
+from .sampling import (
+    SampleResult as SampleResult,
+    forward_sde_diffusion as forward_sde_diffusion,
+    sample_ode as sample_ode,
+    sample_sde as sample_sde,
+    time_grid as time_grid,
+)
 from .targets import (
     KINDS as KINDS,
     conditional_score as conditional_score,
@@ -21,5 +76,53 @@ from .targets import (
     interpolate as interpolate,
     target as target,
 )
+from .vlb import ELBOResult as ELBOResult, elbo as elbo
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AbstractPath",
+    "CosinePath",
+    "EDMPath",
+    "ELBOResult",
+    "GaussianMixture",
+    "ImpliedWeighting",
+    "KINDS",
+    "LikelihoodResult",
+    "LinearPath",
+    "LogSNRPath",
+    "Normal",
+    "Objective",
+    "SampleResult",
+    "VEPath",
+    "VPPath",
+    "batch_loss",
+    "bits_per_dim",
+    "conditional_score",
+    "conditional_velocity",
+    "convert",
+    "ddpm",
+    "divergence_exact",
+    "divergence_hutchinson",
+    "edm",
+    "elbo",
+    "flow_matching",
+    "forward_sde_diffusion",
+    "implied_weighting",
+    "interpolate",
+    "log_likelihood",
+    "log_likelihood_with_stats",
+    "loss",
+    "min_snr",
+    "sample_ode",
+    "sample_sde",
+    "score_field",
+    "score_matching",
+    "sd3",
+    "sigmoid",
+    "target",
+    "time_grid",
+    "v_prediction",
+    "velocity_field",
+    "weighted_objective",
+]

@@ -1,4 +1,4 @@
-"""Tests for diffjax.elbo: the continuous-time VDM ELBO for any path and prediction kind.
+"""Tests for diffjax.vlb: the continuous-time VDM ELBO for any path and prediction kind.
 
 Time convention: t = 0 is noise, t = 1 is data; x_t = α_t·x + σ_t·ε, λ_t = log(α_t²/σ_t²) increasing in t.
 
@@ -16,8 +16,8 @@ import pytest
 from scipy import integrate, special
 
 from diffjax.analytic import GaussianMixture, gaussian_elbo, gaussian_model_log_prob
-from diffjax.elbo import ELBOResult, bits_per_dim, elbo
 from diffjax.paths import CosinePath, LinearPath, VPPath
+from diffjax.vlb import ELBOResult, bits_per_dim, elbo
 
 D = 3
 MU = np.array(

@@ -27,7 +27,7 @@ For one example x of D numbers and an integration window [t0, t1] (t0 at the noi
   - ``"uniform"``: iid t ~ U(t0, t1), weight (t1 − t0)·λ̇_t (the plain VDM estimator).
 
   All four are unbiased. Measured on Gaussian data with the exact denoiser (CosinePath, λ ∈ [−8, 9], D = 3,
-  32 samples; ``tests/test_elbo.py``) the variances are about uniform 55 : antithetic 48 : stratified 30 :
+  32 samples; ``tests/test_vlb.py``) the variances are about uniform 55 : antithetic 48 : stratified 30 :
   importance 5, so λ-uniform importance sampling is the default. What remains is mostly the χ² noise of ε
   at high SNR, where ε̂ ≈ 0 and ‖ε̂ − ε‖² ≈ ‖ε‖² (no control variate is applied).
 
@@ -187,7 +187,7 @@ def _resolve_window(path: AbstractPath, t0, t1, log_snr_range):
     lam1 = path.log_snr(t1)
     bad = ~(jnp.isfinite(lam0) & jnp.isfinite(lam1) & (lam0 < lam1))
     lam0 = eqx.error_if(
-        lam0, bad, "diffjax.elbo: the log-SNR window must be finite with λ(t0) < λ(t1)"
+        lam0, bad, "diffjax.vlb: the log-SNR window must be finite with λ(t0) < λ(t1)"
     )
     if log_snr_range is not None:
         # the requested endpoints exactly (t_from_log_snr is the exact inverse on the path's range)
