@@ -373,12 +373,18 @@ def main(argv: list[str] | None = None) -> int:
         sub.error(str(e))
     if cache is not None:
         _cache.enable_compilation_cache(cache)
-    from .experiment import NoCheckpointError  # noqa: PLC0415
+    from .experiment import NoCheckpointError, NonFiniteError  # noqa: PLC0415
 
     try:
-        result = _run(args, parser, t_start)
+        # With the persistent cache on, equinox's runtime checks run in their cacheable "nan" mode (see
+        # diffjax._cache); a failed check then surfaces as NonFiniteError below.
+        with _cache.cacheable_checks(cache is not None):
+            result = _run(args, parser, t_start)
     except NoCheckpointError as e:
         sub.error(str(e))
+    except NonFiniteError as e:
+        print(f"{sub.prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
     except ValueError as e:
         if os.environ.get("DIFFJAX_DEBUG"):
             raise

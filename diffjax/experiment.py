@@ -59,6 +59,7 @@ __all__ = [
     "DEFAULT_PATH",
     "ExperimentConfig",
     "NoCheckpointError",
+    "NonFiniteError",
     "build_path",
     "build_objective",
     "build_model",
@@ -371,6 +372,18 @@ class NoCheckpointError(ValueError):
     """The workdir holds no checkpoint (run ``diffjax train`` first)."""
 
 
+class NonFiniteError(RuntimeError):
+    """A result holds NaN/inf (with equinox's ``nan`` error mode, a failed runtime check shows up this way)."""
+
+
+def _check_finite(values, what: str) -> None:
+    if not np.all(np.isfinite(np.asarray(values, dtype=np.float64))):
+        raise NonFiniteError(
+            f"{what} contain NaN/inf. A runtime check may have failed (t outside [0, 1], the ODE solver's "
+            "max_steps, a singular field); rerun with EQX_ON_ERROR=raise (or --cache-dir off) to see its message"
+        )
+
+
 def has_checkpoint(workdir) -> bool:
     """Whether ``workdir`` holds a finished orbax checkpoint (a directory named by its step)."""
     workdir = os.fspath(workdir)
@@ -507,6 +520,7 @@ def run_train(
     )
     jax.block_until_ready(state.params)
     wall = time.perf_counter() - t0
+    _check_finite(history["loss"], "the training losses")
     step = int(state.step)
     ran = step - start_step
     result = {
@@ -643,6 +657,7 @@ def run_sample(
     samples = np.concatenate(out)
     traj = np.concatenate(trajs)[:num_trajectories]
     nfe = np.concatenate(nfes)
+    _check_finite(samples, "the samples")
     np.save(os.path.join(workdir, "samples.npy"), samples)
 
     ref = held_out(config.data, n if not config.is_image else None)
@@ -763,6 +778,7 @@ def run_likelihood(
             bar.update(m)
     wall = time.perf_counter() - tic
     v = np.concatenate(vals).astype(np.float64)
+    _check_finite(v, "the log-likelihoods" if not config.is_image else "the bits/dim")
     se = float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
     result = {
         "data": data,

@@ -92,4 +92,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with (
+        _cache.cacheable_checks()
+    ):  # cacheable equinox checks (see diffjax._cache); results are NaN-checked
+        main()
