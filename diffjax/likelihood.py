@@ -34,6 +34,10 @@ the data density smoothed by a Gaussian of standard deviation r, so the remainin
 on the data and is not estimated. The prior mismatch at the noise end (α_{t0} ≠ 0 for VP, the N(0, σ_max² I) prior
 of VE/EDM) is another model error that the result does not hide: pass ``prior_log_prob`` to change the prior.
 
+Both public functions are wrapped in ``equinox.filter_jit``: arrays (x, keys, PyTree leaves of the velocity or
+path) are traced, everything else (callables, strings, Python numbers such as rtol or t0) is static, so define the
+velocity once and reuse it — a fresh ``lambda`` per call recompiles. Inside an outer ``jax.jit`` they inline.
+
 Everything is per example (``x`` of any shape), jittable (no host round-trips inside the solve), vmappable over
 examples and differentiable w.r.t. parameters the velocity closes over (``diffrax.RecursiveCheckpointAdjoint``
 by default; ``diffrax.BacksolveAdjoint`` differentiates only w.r.t. PyTree leaves of the velocity, so pass the
@@ -105,27 +109,35 @@ class LikelihoodResult(eqx.Module):
     dtype: str = eqx.field(static=True)
 
 
-class _AugmentedField(eqx.Module):
-    """d/dt [X, ℓ] = [u_t(X), ∇·u_t(X)]; ``velocity`` is a field so that its PyTree leaves are visible."""
+def _augmented_field(closed, chunk_size):
+    """d/dt [X, ℓ] = [u_t(X), ∇·u_t(X)], called as ``field(t, y, (velocity, data))``.
 
-    velocity: Callable
-    probes: Array | None
-    t_lo: Array
-    t_hi: Array
-    chunk_size: int | None = eqx.field(static=True)
+    ``data`` = (probes, t_lo, t_hi) travels either as diffrax ``args`` (``closed=None``; needed by
+    ``BacksolveAdjoint``, which differentiates w.r.t. ``args`` and refuses closed-over tracers) or is closed over
+    (``closed=data``; about 1.5x faster for vmapped Hutchinson solves on CPU than carrying the probes as
+    ``args``). The velocity is always in ``args`` so that ``BacksolveAdjoint`` sees its PyTree leaves.
+    """
 
-    def __call__(self, t, y, args):
-        del args
+    def field(t, y, args):
+        velocity, data = args
+        probes, t_lo, t_hi = closed if closed is not None else data
         z, _ = y
         # Keep every evaluation inside [t0, t1]: stages never leave the interval, but an initial step-size guess
         # may, and paths/oracles check t ∈ [0, 1].
-        t = jnp.clip(t, self.t_lo, self.t_hi)
-        f = lambda v: self.velocity(t, v)
-        if self.probes is None:
-            u, div = divergence_exact(f, z, chunk_size=self.chunk_size)
+        t = jnp.clip(t, t_lo, t_hi)
+        f = lambda v: velocity(t, v)
+        if probes is None:
+            u, div = divergence_exact(f, z, chunk_size=chunk_size)
+        elif probes.shape[0] == 1:
+            # One probe: a plain JVP (a vmap over a batch of one lowers to slower batched kernels on CPU).
+            v = probes[0]
+            u, jv = jax.jvp(f, (z,), (v,))
+            div = jnp.sum(v * jv)
         else:
-            u, div = divergence_hutchinson(f, z, self.probes)
+            u, div = divergence_hutchinson(f, z, probes)
         return u.astype(z.dtype), div.astype(z.dtype)
+
+    return field
 
 
 def _nfe(solver, num_steps):
@@ -142,6 +154,7 @@ def _is_concrete(v) -> bool:
     return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(v))
 
 
+@eqx.filter_jit
 def log_likelihood_with_stats(
     velocity: Field,
     path: AbstractPath,
@@ -258,7 +271,11 @@ def log_likelihood_with_stats(
     probes = None
     if trace == "hutchinson":
         probes = make_probes(key, x.shape, int(num_probes), probe, dtype)
-    field = _AugmentedField(velocity, probes, t_lo, t_hi, chunk_size)
+    data = (probes, t_lo, t_hi)
+    if isinstance(adjoint, diffrax.BacksolveAdjoint):
+        field, args = _augmented_field(None, chunk_size), (velocity, data)
+    else:
+        field, args = _augmented_field(data, chunk_size), (velocity, None)
 
     if num_steps is None:
         controller = diffrax.PIDController(rtol=rtol, atol=atol)
@@ -270,7 +287,7 @@ def log_likelihood_with_stats(
     y_start = (x_start, jnp.zeros((), dtype))
     # One evaluation at the data end, where singular fields usually break: a NaN/inf there would otherwise make
     # the adaptive controller reject every step and surface only as max_steps.
-    u_start, div_start = field(t_hi, y_start, None)
+    u_start, div_start = field(t_hi, y_start, args)
     x_start = eqx.error_if(
         x_start,
         jnp.logical_not(jnp.all(jnp.isfinite(u_start)) & jnp.isfinite(div_start)),
@@ -287,6 +304,7 @@ def log_likelihood_with_stats(
         t1=t_lo,
         dt0=None,
         y0=y_start,
+        args=args,
         stepsize_controller=controller,
         saveat=diffrax.SaveAt(t1=True),
         max_steps=steps_budget,
@@ -357,6 +375,7 @@ def log_likelihood(velocity: Field, path: AbstractPath, x: Float[ArrayLike, "*sh
     return log_likelihood_with_stats(velocity, path, x, **kwargs).log_prob
 
 
+@eqx.filter_jit
 def bits_per_dim(
     velocity: Field,
     path: AbstractPath,

@@ -243,7 +243,14 @@ def test_grad_matches_finite_differences_and_lowers_nll(gm):
     # One gradient step of maximum likelihood lowers the NLL on the batch.
     after = nll(jax.tree_util.tree_map(lambda p, q: p - 0.05 * q, params, g), xs)
     assert after < before - 1e-4
-    # BacksolveAdjoint (parameters as leaves of a Partial) agrees with the default adjoint.
+
+
+@pytest.mark.slow
+def test_grad_backsolve_adjoint_agrees(gm):
+    """BacksolveAdjoint (parameters as leaves of a Partial) agrees with the default adjoint."""
+    params = init_params(jax.random.key(7))
+    xs = gm.sample(jax.random.key(8), 8)
+    gflat = jax.flatten_util.ravel_pytree(nll_and_grad(params, xs)[1])[0]
     g_bs = jax.jit(jax.grad(functools.partial(_nll, adjoint=diffrax.BacksolveAdjoint())))(
         params, xs
     )
