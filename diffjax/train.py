@@ -474,9 +474,12 @@ def fit(
         manager = ckpt.make_manager(workdir, keep=keep)
         restored = ckpt.restore_latest(manager, abstract, run_config)
         if restored is not None:
-            state, _ = restored
+            state, restored_step = restored
             meta = ckpt.read_metadata(manager)
-            history = {k: list(v) for k, v in meta["extra"].get("history", history).items()}
+            saved = meta["extra"].get("history", history)
+            # keep only what was logged up to the restored step (the log is the checkpoint's, not later)
+            keep_n = sum(1 for s in saved.get("step", []) if s <= restored_step)
+            history = {k: list(v)[:keep_n] for k, v in saved.items()}
     if state is None:
         state = replicate(init(), mesh)
     train_step = make_train_step(
@@ -493,7 +496,9 @@ def fit(
 
     def save(step):
         if manager is not None:
-            ckpt.save(manager, step, state, run_config, extra={"history": history})
+            # orbax saves asynchronously: hand it a snapshot, not the lists the loop keeps appending to
+            snapshot = {k: list(v) for k, v in history.items()}
+            ckpt.save(manager, step, state, run_config, extra={"history": snapshot})
 
     window: list[dict[str, Array]] = []
     try:
