@@ -636,3 +636,14 @@ def test_logsnr_monotone_accepted_and_t_eps():
     np.testing.assert_allclose(float(p.t_from_log_snr(0.0)), 0.5, atol=1e-6)
     # negative control: the check can be switched off
     LogSNRPath(lambda t: -t, check=False)
+
+
+def test_trusted_time_skips_only_the_value_check():
+    from diffjax.paths import check_time, trusted_time
+
+    with trusted_time():
+        assert float(check_time(1.5)) == 1.5  # library-produced times: no runtime check
+        with pytest.raises(ValueError):
+            check_time(jnp.zeros(2))  # shape checks still run
+    with pytest.raises(Exception, match="t must lie in"):
+        check_time(1.5)  # the scope has ended
