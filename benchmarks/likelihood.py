@@ -209,9 +209,9 @@ def bench_flow_matching(gm, xs, ref, repeats):
     from flow_matching.solver import ODESolver
     from flow_matching.utils import ModelWrapper
 
-    w = torch.tensor(np.asarray(gm.weights), dtype=torch.float64)
-    mu = torch.tensor(np.asarray(gm.means), dtype=torch.float64)
-    var = torch.tensor(np.asarray(gm.variances), dtype=torch.float64)
+    w = torch.tensor(np.asarray(gm.weights), dtype=torch.float32)
+    mu = torch.tensor(np.asarray(gm.means), dtype=torch.float32)
+    var = torch.tensor(np.asarray(gm.variances), dtype=torch.float32)
 
     class Oracle(ModelWrapper):
         """The same mixture velocity on the linear path, in torch (t = 0 noise, t = 1 data)."""
@@ -231,9 +231,9 @@ def bench_flow_matching(gm, xs, ref, repeats):
             return (r[..., None] * uk).sum(1)
 
     solver = ODESolver(velocity_model=Oracle())
-    x = torch.tensor(np.asarray(xs), dtype=torch.float64)
+    x = torch.tensor(np.asarray(xs), dtype=torch.float32)
     normal = torch.distributions.Independent(
-        torch.distributions.Normal(torch.zeros(2, dtype=torch.float64), 1.0), 1
+        torch.distributions.Normal(torch.zeros(2, dtype=torch.float32), 1.0), 1
     )
 
     def run(exact):
@@ -245,7 +245,7 @@ def bench_flow_matching(gm, xs, ref, repeats):
             atol=ATOL,
             rtol=RTOL,
             exact_divergence=exact,
-            time_grid=torch.tensor([1.0, 0.0], dtype=torch.float64),
+            time_grid=torch.tensor([1.0, 0.0], dtype=torch.float32),
         )[1]
 
     for exact in (True, False):
