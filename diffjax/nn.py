@@ -105,6 +105,14 @@ def _lecun_init(module: nnx.Module, key, exclude: tuple[tuple, ...] = ()) -> Non
 # ----------------------------------------------------------------------------------------------------------
 
 
+#: Default time features of the models: frequencies from 30 down to 0.03 rad per unit t. DDPM's scale (1000 rad per
+#: unit t) makes a trained field oscillate in t, and adaptive PF-ODE solvers then resolve those oscillations: on the
+#: checkerboard demo (flow matching, 3000 steps) the same NLL (3.799 nats) took 982 function evaluations per
+#: likelihood solve with scale 1000 and 119 with scale 30.
+SMOOTH_TIME_SCALE = 30.0
+SMOOTH_MAX_PERIOD = 1000.0
+
+
 class SinusoidalEmbedding(nnx.Module):
     """Sinusoidal (Fourier) features of a scalar time: no parameters.
 
@@ -166,6 +174,7 @@ class MLP(nnx.Module):
         hidden: width of the hidden layers.
         depth: number of hidden layers (≥ 1).
         time_dim: size of the sinusoidal time embedding (even).
+        time_scale: highest angular frequency of the time features (default 30: smooth in t, cheap to solve).
         zero_init_output: zero-initialise the last layer (default) instead of LeCun-normal.
         rngs: ``nnx.Rngs`` for the initialisation.
     """
@@ -177,6 +186,7 @@ class MLP(nnx.Module):
         depth: int = 3,
         time_dim: int = 64,
         *,
+        time_scale: float = SMOOTH_TIME_SCALE,
         zero_init_output: bool = True,
         rngs: nnx.Rngs,
     ):
@@ -185,7 +195,7 @@ class MLP(nnx.Module):
                 raise ValueError(f"MLP: {name} must be a positive integer, got {v!r}")
         dt = _param_dtype()
         self.dim = dim
-        self.embed = SinusoidalEmbedding(time_dim)
+        self.embed = SinusoidalEmbedding(time_dim, scale=time_scale, max_period=SMOOTH_MAX_PERIOD)
         self.layers = nnx.List(
             [
                 nnx.Linear(
@@ -271,6 +281,7 @@ class UNet(nnx.Module):
         channels: number of image channels C.
         base: channels at the first level.
         mults: channel multipliers per resolution level.
+        time_scale: highest angular frequency of the time features (see ``SMOOTH_TIME_SCALE``).
         rngs: ``nnx.Rngs`` for the initialisation.
     """
 
@@ -280,6 +291,7 @@ class UNet(nnx.Module):
         base: int = 32,
         mults: Sequence[int] = (1, 2),
         *,
+        time_scale: float = SMOOTH_TIME_SCALE,
         rngs: nnx.Rngs,
     ):
         if not isinstance(channels, int) or channels < 1:
@@ -295,7 +307,7 @@ class UNet(nnx.Module):
         self.channels = channels
         self.mults = mults
         t_dim = 4 * base
-        self.embed = SinusoidalEmbedding(base)
+        self.embed = SinusoidalEmbedding(base, scale=time_scale, max_period=SMOOTH_MAX_PERIOD)
         self.t_lin1 = nnx.Linear(base, t_dim, kernel_init=_ZEROS, param_dtype=dt, rngs=rngs)
         self.t_lin2 = nnx.Linear(t_dim, t_dim, kernel_init=_ZEROS, param_dtype=dt, rngs=rngs)
         self.conv_in = nnx.Conv(
