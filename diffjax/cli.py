@@ -6,7 +6,7 @@ likelihoods integrate it back.
     diffjax train --data checkerboard --objective fm --steps 3000 --workdir runs/cb
     diffjax sample --workdir runs/cb --n 2000
     diffjax likelihood --workdir runs/cb --data checkerboard --n 1000
-    diffjax demo                      # flow matching on the checkerboard, ~2-3 minutes on 2 CPU cores
+    diffjax demo                      # flow matching on the checkerboard, ~80 s on 2 CPU cores
 
 ``train`` resumes from the workdir's latest checkpoint (and continues to a larger ``--steps``). Every command
 prints progress bars on stderr and ends with ONE line of JSON on stdout holding its metrics; the full metrics
@@ -37,9 +37,9 @@ DATASETS = ("checkerboard", "moons", "8gaussians", "spirals", "mixture", "digits
 OBJECTIVES = ("fm", "eps", "v", "edm", "sd3", "elbo")
 PATHS = ("linear", "cosine", "vp", "ve", "edm")
 
-#: ``diffjax demo`` defaults: chosen so that training + sampling + likelihood take < 3 min on 2 CPU cores.
-DEMO_STEPS = 3000
-DEMO_BATCH = 256
+#: ``diffjax demo`` defaults: training + sampling + likelihood take about 80 s on 2 free CPU cores.
+DEMO_STEPS = 12000
+DEMO_BATCH = 512
 
 
 def _process_start() -> float:
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser(
-        "demo", help="flow matching on the checkerboard end to end (~2-3 min on 2 CPU cores)"
+        "demo", help="flow matching on the checkerboard end to end (~80 s on 2 CPU cores)"
     )
     p.add_argument("--workdir", default=os.path.join("runs", "demo"))
     p.add_argument("--steps", type=_positive_int, default=DEMO_STEPS)
