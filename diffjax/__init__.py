@@ -26,6 +26,7 @@ from .analytic import GaussianMixture as GaussianMixture
 from .fields import (
     divergence_exact as divergence_exact,
     divergence_hutchinson as divergence_hutchinson,
+    integration_interval as integration_interval,
     score_field as score_field,
     velocity_field as velocity_field,
 )
@@ -109,6 +110,7 @@ __all__ = [
     "flow_matching",
     "forward_sde_diffusion",
     "implied_weighting",
+    "integration_interval",
     "interpolate",
     "log_likelihood",
     "log_likelihood_with_stats",

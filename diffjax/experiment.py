@@ -48,7 +48,7 @@ import numpy as np
 from flax import nnx
 
 from . import checkpoint as ckpt, data as data_lib, losses, nn, paths, train
-from .fields import velocity_field
+from .fields import integration_interval, velocity_field
 from .likelihood import bits_per_dim, log_likelihood_with_stats
 from .sampling import sample_ode
 
@@ -562,13 +562,16 @@ def _latest_step(workdir: str) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _t0(path: paths.AbstractPath, kind: str) -> float:
-    """Start of the ODE (noise end). ε/score models convert to a velocity with a division by α, singular where
-    α = 0 (t = 0 on the linear and cosine paths): start those at t = 1e-3 from the prior."""
-    t0 = float(path.t_min)
-    if kind in ("eps", "score") and float(path.alpha(jnp.asarray(t0))) == 0.0:
-        t0 = 1e-3
-    return t0
+def _interval(path: paths.AbstractPath, kind: str) -> tuple[float, float, float]:
+    """(t0, t1, t_eps) of the ODE for a ``kind`` model (``diffjax.fields.integration_interval``).
+
+    ε/score models convert to a velocity with a division by α, data models with a division by σ: on the linear
+    and cosine paths (α = 0 at t = 0, σ = 0 at t = 1) those ends move in by 1e-3. ``t_eps`` = 1 − t1 for the
+    likelihood (the path's own ``t_eps`` when t1 is the path's end).
+    """
+    t0, t1 = (float(v) for v in integration_interval(path, kind))
+    t_eps = path.t_eps if math.isclose(t1, float(path.t_max), abs_tol=1e-6) else 1.0 - t1
+    return t0, t1, t_eps
 
 
 def _chunks(n: int, chunk: int):
@@ -608,8 +611,7 @@ def run_sample(
     workdir = os.path.abspath(os.fspath(workdir))
     config, apply, ema, objective, path, step = restore(workdir)
     kind = objective.prediction
-    t0 = _t0(path, kind)
-    t1 = float(path.t_max)
+    t0, t1, _ = _interval(path, kind)
     shape = config.shape
     chunk = chunk or (64 if config.is_image else 500)
     chunk = min(chunk, n)
@@ -626,6 +628,7 @@ def run_sample(
                 k,
                 shape=shape,
                 t0=t0,
+                t1=t1,
                 rtol=rtol,
                 atol=atol,
                 num_steps=num_steps,
@@ -721,7 +724,8 @@ def run_likelihood(
     ``trace="exact"``: log p_{t1}(x) = log p_{t0}(X_{t0}) − ∫ ∇·u dt, t = 0 noise, t = 1 data). Digits: bits/dim
     of the first ``n`` test images with one uniform dequantization each, with the 17-level convention of
     ``diffjax.data`` (y = 2(k + u)/17 − 1; ``diffjax.likelihood.bits_per_dim(n_levels=17)``). Paths that stop
-    before clean data (VP: t1 = 1 − 1e-5; VE/EDM: σ_{t1} > 0) give the density of the slightly perturbed data
+    before clean data (VP: t1 = 1 − 1e-5; VE/EDM: σ_{t1} > 0; data models on the linear and cosine paths:
+    t1 = 1 − 1e-3, see :func:`diffjax.fields.integration_interval`) give the density of the slightly perturbed data
     (no endpoint correction). Writes the ``likelihood`` section of ``metrics.json``.
     """
     workdir = os.path.abspath(os.fspath(workdir))
@@ -734,8 +738,8 @@ def run_likelihood(
             f"(different shape)"
         )
     kind = objective.prediction
-    t0 = _t0(path, kind)
-    ll_kwargs = dict(rtol=rtol, atol=atol, num_steps=num_steps, t0=t0)
+    t0, t1, t_eps = _interval(path, kind)
+    ll_kwargs = dict(rtol=rtol, atol=atol, num_steps=num_steps, t0=t0, t_eps=t_eps)
     if config.is_image:
         xs = held_out("digits", n)
         chunk = min(chunk or 50, len(xs))
@@ -792,7 +796,7 @@ def run_likelihood(
         "rtol": rtol,
         "atol": atol,
         "t0": t0,
-        "t1": float(1.0 - path.t_eps),
+        "t1": float(1.0 - t_eps),
         "likelihood_wall_s": wall,
     }
     if config.is_image:

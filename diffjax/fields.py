@@ -14,10 +14,11 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .paths import AbstractPath
-from .targets import KINDS, convert
+from .targets import KINDS, _coeffs, convert
 
 __all__ = [
     "velocity_field",
+    "integration_interval",
     "score_field",
     "reverse_sde_drift",
     "divergence_exact",
@@ -37,12 +38,55 @@ def velocity_field(fn: Field, kind: str, path: AbstractPath) -> Field:
     """The probability-flow velocity u_t(x) of a model predicting ``kind`` on ``path``.
 
     Exact conversion (``diffjax.convert``); for kind = "velocity" the model is returned unchanged.
-    Singular only where the conversion is (e.g. ε- or score-models at t = 0, where α = 0).
+    Singular only where the conversion is: ε- and score-models where α = 0, data-models where σ = 0 (on the
+    linear and cosine paths: t = 0 and t = 1). :func:`integration_interval` gives the interval to integrate on.
     """
     _check(kind)
     if kind == "velocity":
         return fn
     return lambda t, x: convert(fn(t, x), src=kind, dst="velocity", path=path, t=t, x_t=x)
+
+
+DEFAULT_ENDPOINT_EPS = 1e-3
+
+
+def integration_interval(
+    path: AbstractPath, kind: str, *, t_eps: float = DEFAULT_ENDPOINT_EPS
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """(t0, t1): where to integrate the velocity of a ``kind`` model on ``path`` (t = 0 noise, t = 1 data).
+
+    Starts from the path's own interval [``path.t_min``, ``path.t_max``] and moves an end inward by ``t_eps``
+    where the conversion to a velocity divides by zero. Writing the prediction as c·x̂ + d·ε̂ and
+    x_t = α·x̂ + σ·ε̂, the conversion solves a 2×2 system of determinant Δ = c·σ − d·α (``diffjax.convert``):
+
+    * ``"data"`` (c, d = 1, 0): Δ = σ, singular where σ = 0, the data end of ``LinearPath`` and ``CosinePath``;
+    * ``"eps"``, ``"score"`` (0, 1): Δ = −α, singular where α = 0, their noise end;
+    * ``"v"`` (−σ, α): Δ = −(α² + σ²) < 0 and ``"velocity"``: never singular.
+
+    Near a singular end the field is finite but ill-conditioned (an error δ in ε̂ moves u by ~δ·α̇/α), which is
+    why ``t_eps`` is 1e-3 rather than machine precision. A sampler run on the returned interval leaves data
+    perturbed by σ_{t1} at the data end (σ_{t1} ≈ 1e-3 for the linear path), which ``log_likelihood`` reports
+    (``endpoint_sigma_ratio``) with ``t_eps = 1 − t1``. Works under ``jit`` (the ends are arrays).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown parameterization kind={kind!r}; expected one of {KINDS}")
+    if not 0.0 < t_eps < 0.5:
+        raise ValueError(f"t_eps must lie in (0, 0.5), got {t_eps}")
+    f = jnp.result_type(float)
+    t0 = jnp.asarray(path.t_min, f)
+    t1 = jnp.asarray(path.t_max, f)
+    if kind == "velocity":
+        return t0, t1
+
+    def singular(t):
+        a, s, da, ds = path.coefficients(t)
+        c, d = _coeffs(kind, a, s, da, ds)
+        det = c * s - d * a
+        return jnp.logical_not(jnp.isfinite(det) & (det != 0))
+
+    t0 = jnp.where(singular(t0), t0 + t_eps, t0)
+    t1 = jnp.where(singular(t1), t1 - t_eps, t1)
+    return t0, t1
 
 
 def score_field(fn: Field, kind: str, path: AbstractPath) -> Field:

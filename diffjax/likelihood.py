@@ -56,7 +56,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from .fields import divergence_exact, divergence_hutchinson, make_probes
-from .paths import AbstractPath
+from .paths import AbstractPath, check_time, trusted_time
 
 __all__ = ["LikelihoodResult", "log_likelihood", "log_likelihood_with_stats", "bits_per_dim"]
 
@@ -248,6 +248,8 @@ def log_likelihood_with_stats(
                 f"need 0 <= t0 < t1 = 1 - t_eps <= 1 (t=0 noise, t=1 data); got t0={lo}, t1={hi} "
                 f"(t_eps={t_eps})"
             )
+    if not _is_concrete((t_lo, t_hi)):  # traced ends: checked at run time (the solver's own times are trusted)
+        t_lo, t_hi = check_time(t_lo), check_time(t_hi)
     t_lo = jnp.asarray(t_lo, dtype)
     t_hi = jnp.asarray(t_hi, dtype)
     if prior_log_prob is None:
@@ -297,20 +299,21 @@ def log_likelihood_with_stats(
     )
     y_start = (x_start, y_start[1])
 
-    sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(field),
-        solver,
-        t0=t_hi,
-        t1=t_lo,
-        dt0=None,
-        y0=y_start,
-        args=args,
-        stepsize_controller=controller,
-        saveat=diffrax.SaveAt(t1=True),
-        max_steps=steps_budget,
-        adjoint=adjoint,
-        throw=False,
-    )
+    with trusted_time():  # solver times lie in [t0, t1], checked above; a NaN time fails the solve instead
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(field),
+            solver,
+            t0=t_hi,
+            t1=t_lo,
+            dt0=None,
+            y0=y_start,
+            args=args,
+            stepsize_controller=controller,
+            saveat=diffrax.SaveAt(t1=True),
+            max_steps=steps_budget,
+            adjoint=adjoint,
+            throw=False,
+        )
     x0 = sol.ys[0][0]
     delta = sol.ys[1][0]
     prior = jnp.asarray(prior_log_prob(x0), dtype)

@@ -86,8 +86,20 @@ def check_time(t: Scalar, lo: float = 0.0, hi: float = 1.0) -> Float[Array, ""]:
         )
     if getattr(_TRUST, "depth", 0):
         return t
+    is_nan = jnp.isnan(t)
     bad = jnp.logical_not((t >= lo) & (t <= hi))  # NaN is bad too
-    return eqx.error_if(t, bad, f"diffjax: t must lie in [{lo}, {hi}] (t=0 is noise, t=1 is data)")
+    return eqx.branched_error_if(
+        t,
+        bad,
+        jnp.where(is_nan, 0, 1),
+        (
+            "diffjax: t is NaN. Inside a solver this usually means the field returned NaN/inf and the step "
+            "size became NaN: a data-prediction converted to a velocity divides by sigma (singular at t = 1 "
+            "on the linear and cosine paths), an eps/score-prediction by alpha (singular at t = 0); integrate "
+            "over diffjax.integration_interval(path, kind)",
+            f"diffjax: t must lie in [{lo}, {hi}] (t=0 is noise, t=1 is data)",
+        ),
+    )
 
 
 class Normal(eqx.Module):

@@ -35,7 +35,7 @@ import lineax
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from .fields import divergence_exact, divergence_hutchinson, make_probes
-from .paths import AbstractPath, check_time
+from .paths import AbstractPath, check_time, trusted_time
 
 __all__ = [
     "SampleResult",
@@ -112,7 +112,10 @@ def _endpoints(path: AbstractPath, t0, t1):
                 f"t1={b}"
             )
     f = jnp.result_type(float)
-    return jnp.asarray(t0, f), jnp.asarray(t1, f)
+    t0, t1 = jnp.asarray(t0, f), jnp.asarray(t1, f)
+    if not _is_concrete((t0, t1)):  # traced ends: checked at run time (the solver's own times are trusted)
+        t0, t1 = check_time(t0), check_time(t1)
+    return t0, t1
 
 
 def _finite_log_snr_range(path: AbstractPath, t0, t1):
@@ -277,7 +280,9 @@ def sample_ode(
     """One sample of the probability-flow ODE dx/dt = u_t(x), integrated from noise (t0) to data (t1).
 
     t = 0 is noise, t = 1 is data; t0 = ``path.t_min``, t1 = ``path.t_max`` = 1 − t_eps by default. x_{t0} is
-    ``x0`` or a draw from ``path.prior`` (key).
+    ``x0`` or a draw from ``path.prior`` (key). A velocity converted from an ε- or score-model is singular where
+    α = 0, one from a data-model where σ = 0 (the ends of the linear and cosine paths): pass
+    ``t0, t1 = diffjax.integration_interval(path, kind)``.
 
     Solvers (diffrax): by default adaptive ``Tsit5`` with ``PIDController(rtol, atol)`` and at most ``max_steps``
     steps. With ``num_steps`` = N, fixed steps on ``time_grid(path, N, grid)`` (diffrax ``StepTo``) with
@@ -301,7 +306,8 @@ def sample_ode(
 
     Raises:
         ValueError: bad solver/grid/trace names or arguments.
-        EquinoxRuntimeError (also under jit): ``max_steps`` reached, another solver failure, or non-finite samples.
+        EquinoxRuntimeError (also under jit): a field that is NaN/inf at t0 or t1 (probed at x0 only when the
+            solve fails), ``max_steps`` reached, another solver failure, or non-finite samples.
     """
     if trace not in ("exact", "hutchinson"):
         raise ValueError(f"unknown trace={trace!r}; expected 'exact' or 'hutchinson'")
@@ -358,24 +364,42 @@ def sample_ode(
         traj_ts = None
     saveat = diffrax.SaveAt(t1=True) if traj_ts is None else diffrax.SaveAt(ts=traj_ts, t1=True)
 
-    sol = diffrax.diffeqsolve(
-        term,
-        solver_obj,
-        t0,
-        t1,
-        dt0,
-        y0,
-        saveat=saveat,
-        stepsize_controller=controller,
-        max_steps=steps_cap,
-        throw=False,
-    )
+    with trusted_time():  # solver times lie in [t0, t1], checked above; a NaN time fails the solve instead
+        sol = diffrax.diffeqsolve(
+            term,
+            solver_obj,
+            t0,
+            t1,
+            dt0,
+            y0,
+            saveat=saveat,
+            stepsize_controller=controller,
+            max_steps=steps_cap,
+            throw=False,
+        )
     ys = sol.ys
     xs = ys[0] if log_prob else ys
     samples = xs[-1]
     trajectory = xs[:-1] if traj_ts is not None else None
 
-    max_hit = sol.result == diffrax.RESULTS.max_steps_reached
+    failed = sol.result != diffrax.RESULTS.successful
+
+    def probe_ends(_):
+        # Only on failure (a NaN/inf at an end makes the adaptive controller reject every step, which would
+        # otherwise surface as max_steps): is the field finite at t0 and t1, at the starting point x0?
+        with trusted_time():
+            return jnp.stack([jnp.all(jnp.isfinite(velocity(t, x0))) for t in (t0, t1)])
+
+    ends_ok = jax.lax.cond(failed, probe_ends, lambda _: jnp.ones((2,), bool), None)
+    samples = eqx.error_if(
+        samples,
+        jnp.logical_not(jnp.all(ends_ok)),
+        "diffjax.sample_ode: the velocity field is NaN/inf at an end of [t0, t1] (evaluated at the starting "
+        "point). A data-prediction converted to a velocity divides by sigma (0 at t = 1 on LinearPath and "
+        "CosinePath), an eps/score-prediction by alpha (0 at t = 0): pass t0, t1 = "
+        "diffjax.integration_interval(path, kind).",
+    )
+    max_hit = (sol.result == diffrax.RESULTS.max_steps_reached) & jnp.all(ends_ok)
     samples = eqx.error_if(
         samples,
         max_hit,
@@ -384,7 +408,7 @@ def sample_ode(
     )
     samples = eqx.error_if(
         samples,
-        (sol.result != diffrax.RESULTS.successful) & jnp.logical_not(max_hit),
+        failed & jnp.all(ends_ok) & jnp.logical_not(max_hit),
         "diffjax.sample_ode: the ODE solver failed (step size collapsed or non-finite values in the vector "
         "field); check the velocity field near t0/t1 and the time range.",
     )
@@ -544,7 +568,8 @@ def sample_sde(
                 x = _langevin(score, t_next, x, kc, langevin_steps, langevin_snr)
             return x, (x if save_trajectory else None)
 
-        x, traj = jax.lax.scan(step, x0, (ts[:-1], ts[1:], gs, keys))
+        with trusted_time():  # grid times lie in [t0, t1]
+            x, traj = jax.lax.scan(step, x0, (ts[:-1], ts[1:], gs, keys))
     else:
         x, traj = _diffrax_sde(method, drift, g_fn, g_zero, ts, x0, key, save_trajectory)
 
@@ -615,15 +640,16 @@ def _diffrax_sde(solver, drift, g_fn, g_zero, ts, x0, key, save_trajectory):
 
     terms = diffrax.MultiTerm(diffrax.ODETerm(f), diffrax.ControlTerm(diff, bm))
     saveat = diffrax.SaveAt(ts=ts[1:]) if save_trajectory else diffrax.SaveAt(t1=True)
-    sol = diffrax.diffeqsolve(
-        terms,
-        solver,
-        t0,
-        t1,
-        None,
-        x0,
-        saveat=saveat,
-        stepsize_controller=diffrax.StepTo(ts=ts),
-        max_steps=n,
-    )
+    with trusted_time():  # grid times lie in [t0, t1]
+        sol = diffrax.diffeqsolve(
+            terms,
+            solver,
+            t0,
+            t1,
+            None,
+            x0,
+            saveat=saveat,
+            stepsize_controller=diffrax.StepTo(ts=ts),
+            max_steps=n,
+        )
     return sol.ys[-1], (sol.ys if save_trajectory else None)

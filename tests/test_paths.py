@@ -568,7 +568,8 @@ def _assert_time_error(fn, *args):
     with pytest.raises(Exception) as info:
         out = fn(*args)
         jax.block_until_ready(out)
-    assert "t must lie in" in str(info.value)
+    msg = str(info.value)
+    assert "t must lie in" in msg or "t is NaN" in msg, msg
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -647,3 +648,11 @@ def test_trusted_time_skips_only_the_value_check():
             check_time(jnp.zeros(2))  # shape checks still run
     with pytest.raises(Exception, match="t must lie in"):
         check_time(1.5)  # the scope has ended
+
+
+def test_nan_time_gets_its_own_message():
+    path = LinearPath()
+    with pytest.raises(Exception, match="t is NaN"):
+        jax.block_until_ready(jax.jit(path.alpha)(jnp.asarray(float("nan"))))
+    with pytest.raises(Exception, match="t must lie in"):
+        jax.block_until_ready(jax.jit(path.alpha)(jnp.asarray(1.5)))
