@@ -9,6 +9,12 @@ which is thought to favour sample quality. This script measures both on held-out
 trace, PF-ODE) and the energy distance / RBF-MMD² of PF-ODE samples.
 
     python experiments/weighting_study.py --data checkerboard --steps 1500
+    python experiments/weighting_study.py --data checkerboard --steps 1500 --path cosine   # one path for all
+
+By default each objective runs in its published form, on its own path (fm/sd3: linear, eps/elbo: VP, v: cosine,
+edm: EDM), so path and weighting change together. ``--path`` puts every objective on the same path: the
+objectives then differ only in the prediction kind, the time sampler and the weighting, which is the comparison
+Kingma & Gao's view is about.
 
 Writes runs/weighting/DATA/OBJECTIVE/ (one workdir per objective, see diffjax.experiment), and
 runs/weighting/DATA/summary.{json,md}, samples.png (all objectives side by side), weightings.png (the implied
@@ -44,7 +50,7 @@ def _table(rows) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def _plot_weightings(exp, objectives, out, sigma_data):
+def _plot_weightings(exp, objectives, out, sigma_data, path=None):
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
@@ -54,10 +60,10 @@ def _plot_weightings(exp, objectives, out, sigma_data):
     lam = jnp.linspace(-12.0, 12.0, 481)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name in objectives:
-        obj = exp.build_objective(name, sigma_data=sigma_data)
+        obj = exp.build_objective(name, path, sigma_data=sigma_data)
         w = jax.vmap(losses.implied_weighting(obj).weight)(lam)
         w = w / jnp.trapezoid(w, lam)
-        ax.plot(lam, w, label=f"{name} ({exp.DEFAULT_PATH[name]})")
+        ax.plot(lam, w, label=f"{name} ({path or exp.DEFAULT_PATH[name]})")
     ax.set_xlabel("log-SNR λ  (noise ← → data)")
     ax.set_ylabel("implied w(λ), normalised")
     ax.set_yscale("log")
@@ -100,6 +106,11 @@ def main(argv=None):
     )
     p.add_argument("--data", default="checkerboard")
     p.add_argument("--objectives", default=",".join(OBJECTIVES))
+    p.add_argument(
+        "--path",
+        default=None,
+        help="one path for every objective (linear, cosine, vp, ve, edm); default: each objective's own",
+    )
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -117,7 +128,11 @@ def main(argv=None):
     for o in objectives:
         if o not in exp.OBJECTIVES:
             p.error(f"unknown objective {o!r}; valid objectives are: {', '.join(exp.OBJECTIVES)}")
-    root = args.workdir or os.path.join("runs", "weighting", args.data)
+    if args.path is not None and args.path not in exp.PATHS:
+        p.error(f"unknown path {args.path!r}; valid paths are: {', '.join(exp.PATHS)}")
+    root = args.workdir or os.path.join(
+        "runs", "weighting", args.data + (f"_{args.path}" if args.path else "")
+    )
     os.makedirs(root, exist_ok=True)
     progress = not args.no_progress
     rows = []
@@ -126,6 +141,7 @@ def main(argv=None):
         config = exp.ExperimentConfig(
             data=args.data,
             objective=o,
+            path=args.path,
             steps=args.steps,
             batch_size=args.batch_size,
             lr=args.lr,
@@ -161,7 +177,7 @@ def main(argv=None):
     table = _table(rows)
     floor = rows[0]
     note = (
-        f"\nData: {args.data}; {args.steps} steps × batch {args.batch_size} per objective; NLL on {args.n_test} "
+        f"\nData: {args.data}; path: {args.path or 'each objective its own'}; {args.steps} steps × batch {args.batch_size} per objective; NLL on {args.n_test} "
         f"held-out points (true density: {floor['true_nll']}); sample metrics on {args.n} samples "
         f"(data-vs-data floor: energy {floor['energy_distance_floor']:.4f}, MMD² {floor['mmd_rbf_floor']:.5f}).\n"
     )
@@ -175,7 +191,7 @@ def main(argv=None):
     try:
         sd = exp.ExperimentConfig(data=args.data).resolved().sigma_data
         figs["weightings"] = _plot_weightings(
-            exp, objectives, os.path.join(root, "weightings.png"), sd
+            exp, objectives, os.path.join(root, "weightings.png"), sd, args.path
         )
     except Exception as e:  # the figure is a bonus; never lose the table over it
         print(f"[weighting_study] weighting plot skipped: {e}", file=sys.stderr)
