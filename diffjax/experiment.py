@@ -467,8 +467,9 @@ def run_train(
     config raises ``ValueError`` naming the differing fields.
 
     ``t_start`` (a ``time.perf_counter()`` value, default: now) is the origin of the reported
-    ``time_to_first_step_s`` (the CLI passes the process start, so it covers imports and compilation).
-    Returns the ``train`` section of ``metrics.json``.
+    ``time_to_first_step_s`` (the CLI passes the process start, so it covers imports and compilation). A run
+    that is already complete trains nothing (``steps_run`` = 0) and reports the timing of the run that trained
+    it, with ``timing_from_earlier_run`` = True. Returns the ``train`` section of ``metrics.json``.
     """
     t_start = time.perf_counter() if t_start is None else t_start
     workdir = os.path.abspath(os.fspath(workdir))
@@ -541,6 +542,13 @@ def run_train(
         "devices": jax.device_count(),
     }
     metrics = read_metrics(workdir)
+    prev = metrics.get("train") or {}
+    if ran == 0 and prev.get("step") == step and prev.get("train_wall_s") is not None:
+        # Nothing left to train: keep the timing of the run that did the training (a resumed, complete run
+        # would otherwise report ~0 s), and say so.
+        for k in ("train_wall_s", "steps_per_s", "time_to_first_step_s"):
+            result[k] = prev.get(k)
+        result["timing_from_earlier_run"] = True
     metrics["config"] = config.to_dict()
     metrics["train"] = result
     _write_json(os.path.join(workdir, METRICS_FILE), metrics)

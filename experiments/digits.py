@@ -91,9 +91,13 @@ def main(argv=None):
     progress = not args.no_progress
     wd = args.workdir
     tr = exp.run_train(config, wd, checkpoint_every=args.steps, progress=progress, t_start=T0)
-    if not tr["steps_run"] and args.flow_seconds is None and importlib.util.find_spec("flowjax"):
+    if (
+        tr.get("train_wall_s") is None
+        and args.flow_seconds is None
+        and importlib.util.find_spec("flowjax")
+    ):
         p.error(
-            "the UNet run was complete already, so its training time is unknown: pass --flow-seconds"
+            "the UNet's training time is unknown (no record of it in the workdir): pass --flow-seconds"
         )
     sa = exp.run_sample(wd, args.n, progress=progress)
     li = exp.run_likelihood(

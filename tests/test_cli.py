@@ -75,6 +75,18 @@ def test_train_resumes_and_continues(trained, capsys):
     assert history["step"][-1] == 6 and history["step"][0] == 1  # the history covers both runs
 
 
+def test_complete_run_keeps_its_training_time(tmp_path, capsys):
+    argv = ["train", "--data", "checkerboard", "--steps", "3", "--workdir", str(tmp_path)]
+    cli.main([*argv, *TINY, "--cache-dir", "off", "--no-figures"])
+    first = _json_line(capsys)
+    cli.main([*argv, *TINY, "--cache-dir", "off", "--no-figures"])  # nothing left to train
+    again = _json_line(capsys)
+    assert (first["steps_run"], again["steps_run"], again["step"]) == (3, 0, 3)
+    assert again["train_wall_s"] == first["train_wall_s"] and _finite(first["train_wall_s"])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["train"]
+    assert metrics["timing_from_earlier_run"] is True
+
+
 def test_sample_prints_finite_metrics(trained, capsys):
     trained, _ = trained
     capsys.readouterr()
