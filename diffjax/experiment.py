@@ -143,6 +143,8 @@ class ExperimentConfig:
             learning rate warms up linearly, then decays by a cosine to 0 at ``steps``).
         hidden, depth, time_dim: the MLP of 2-D data (``diffjax.nn.MLP``).
         unet_base, unet_mults: the UNet of digits (``diffjax.nn.UNet``).
+        time_scale: highest angular frequency of both models' time features (``diffjax.nn.SMOOTH_TIME_SCALE``).
+            Stored with the run, so a checkpoint trained with other time features is refused, not resumed.
         sigma_data: σ_d of EDM's preconditioning and loss weight; None → the data's standard deviation.
     """
 
@@ -161,6 +163,7 @@ class ExperimentConfig:
     time_dim: int = 64
     unet_base: int = 32
     unet_mults: tuple[int, ...] = (1, 2)
+    time_scale: float = nn.SMOOTH_TIME_SCALE
     sigma_data: float | None = None
 
     def __post_init__(self):
@@ -177,6 +180,9 @@ class ExperimentConfig:
             raise ValueError(f"ExperimentConfig: warmup={self.warmup!r} must be an integer >= 0")
         if not self.lr > 0:
             raise ValueError(f"ExperimentConfig: lr={self.lr!r} must be > 0")
+        if not (isinstance(self.time_scale, (int, float)) and self.time_scale > 0):
+            raise ValueError(f"ExperimentConfig: time_scale={self.time_scale!r} must be > 0")
+        object.__setattr__(self, "time_scale", float(self.time_scale))
         if self.time_dim % 2:
             raise ValueError(f"ExperimentConfig: time_dim={self.time_dim} must be even")
         if self.data == "digits" and self.batch_size > 1497:
@@ -285,10 +291,21 @@ def build_model(config: ExperimentConfig):
     objective = build_objective(config.objective, path, config.sigma_data)
     rngs = nnx.Rngs(config.seed)
     if config.is_image:
-        model = nn.UNet(1, base=config.unet_base, mults=config.unet_mults, rngs=rngs)
+        model = nn.UNet(
+            1,
+            base=config.unet_base,
+            mults=config.unet_mults,
+            time_scale=config.time_scale,
+            rngs=rngs,
+        )
     else:
         model = nn.MLP(
-            2, hidden=config.hidden, depth=config.depth, time_dim=config.time_dim, rngs=rngs
+            2,
+            hidden=config.hidden,
+            depth=config.depth,
+            time_dim=config.time_dim,
+            time_scale=config.time_scale,
+            rngs=rngs,
         )
     raw_apply, params = nn.split(model)
     if config.objective == "edm":

@@ -199,3 +199,14 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
     assert _cache.resolve_cache_dir() == str(tmp_path / "env")
     assert _cache.resolve_cache_dir(str(tmp_path / "flag")) == str(tmp_path / "flag")  # flag wins
     assert _cache.resolve_cache_dir("off") is None
+
+
+def test_run_with_other_time_features_is_refused(tmp_path):
+    cfg = experiment.ExperimentConfig(
+        data="checkerboard", steps=2, batch_size=16, hidden=16, depth=1, warmup=1, time_scale=1000.0
+    )
+    experiment.run_train(cfg, tmp_path, progress=False, figures=False)
+    with pytest.raises(ValueError, match="time_scale"):
+        experiment.run_train(cfg.replace(time_scale=30.0, steps=4), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="time_scale"):
+        experiment.ExperimentConfig(time_scale=0.0)
