@@ -295,7 +295,8 @@ def log_likelihood_with_stats(
         jnp.logical_not(jnp.all(jnp.isfinite(u_start)) & jnp.isfinite(div_start)),
         "diffjax.log_likelihood: non-finite log-likelihood (NaN/inf) — the velocity field produced "
         "NaN/inf (or a non-finite divergence) at the data end t1 = 1 - t_eps for this x; paths singular "
-        "at t = 1 (e.g. VPPath, or data/eps models converted with a division by sigma) need t_eps > 0",
+        "at t = 1 (e.g. VPPath, or data-prediction models, whose conversion divides by sigma) need "
+        "t_eps > 0: t_eps = 1 - diffjax.integration_interval(path, kind)[1]",
     )
     y_start = (x_start, y_start[1])
 

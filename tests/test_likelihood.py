@@ -294,6 +294,29 @@ def test_nan_field_error():
         jax.block_until_ready(r)
 
 
+def test_data_model_on_integration_interval(gm):
+    """A data-prediction model (the oracle's posterior mean) on the linear path: 0/0 at t = 1, so the default
+    t_eps = 0 must raise. With t_eps from ``integration_interval`` the result is the exact marginal density at t1
+    (data perturbed by σ_{t1}/α_{t1} ≈ 1e-3), and with ``endpoint="gaussian"`` the data density to O(r²)."""
+    from diffjax.fields import integration_interval, velocity_field
+
+    path = LinearPath()
+    u = velocity_field(lambda t, z: gm.posterior_mean(path, t, z), "data", path)
+    x = gm.sample(jax.random.key(5), 1)[0]
+    with pytest.raises(Exception, match="t_eps"):
+        jax.block_until_ready(log_likelihood(u, path, x, **TOL))
+    t0, t1 = (float(v) for v in integration_interval(path, "data"))
+    kw = dict(t_eps=1.0 - t1, t0=t0, **TOL)
+    res = log_likelihood_with_stats(u, path, x, **kw)
+    np.testing.assert_allclose(float(res.endpoint_sigma_ratio), (1.0 - t1) / t1, rtol=1e-6)
+    np.testing.assert_allclose(
+        float(res.log_prob), float(gm.marginal_log_prob(path, t1, x)), atol=1e-4
+    )
+    corrected = log_likelihood(u, path, x, endpoint="gaussian", **kw)
+    np.testing.assert_allclose(float(corrected), float(gm.log_prob(x)), atol=1e-4)
+    assert abs(float(res.log_prob) - float(gm.log_prob(x))) > 1e-3  # the correction is needed
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Bits per dimension
 # --------------------------------------------------------------------------------------------------------------
