@@ -150,7 +150,11 @@ def divergence_hutchinson(
 
 
 def make_probes(
-    key: PRNGKeyArray, shape: tuple[int, ...], num_probes: int = 1, kind: str = "rademacher", dtype=None
+    key: PRNGKeyArray,
+    shape: tuple[int, ...],
+    num_probes: int = 1,
+    kind: str = "rademacher",
+    dtype=None,
 ) -> Float[Array, " k *shape"]:
     """``num_probes`` Hutchinson probes with E[vvᵀ] = I: Rademacher (±1) or standard Gaussian."""
     dtype = jnp.result_type(float) if dtype is None else dtype

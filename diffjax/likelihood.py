@@ -248,7 +248,9 @@ def log_likelihood_with_stats(
                 f"need 0 <= t0 < t1 = 1 - t_eps <= 1 (t=0 noise, t=1 data); got t0={lo}, t1={hi} "
                 f"(t_eps={t_eps})"
             )
-    if not _is_concrete((t_lo, t_hi)):  # traced ends: checked at run time (the solver's own times are trusted)
+    if not _is_concrete(
+        (t_lo, t_hi)
+    ):  # traced ends: checked at run time (the solver's own times are trusted)
         t_lo, t_hi = check_time(t_lo), check_time(t_hi)
     t_lo = jnp.asarray(t_lo, dtype)
     t_hi = jnp.asarray(t_hi, dtype)
@@ -300,7 +302,9 @@ def log_likelihood_with_stats(
     )
     y_start = (x_start, y_start[1])
 
-    with trusted_time():  # solver times lie in [t0, t1], checked above; a NaN time fails the solve instead
+    with (
+        trusted_time()
+    ):  # solver times lie in [t0, t1], checked above; a NaN time fails the solve instead
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(field),
             solver,

@@ -113,7 +113,9 @@ def _endpoints(path: AbstractPath, t0, t1):
             )
     f = jnp.result_type(float)
     t0, t1 = jnp.asarray(t0, f), jnp.asarray(t1, f)
-    if not _is_concrete((t0, t1)):  # traced ends: checked at run time (the solver's own times are trusted)
+    if not _is_concrete(
+        (t0, t1)
+    ):  # traced ends: checked at run time (the solver's own times are trusted)
         t0, t1 = check_time(t0), check_time(t1)
     return t0, t1
 
@@ -364,7 +366,9 @@ def sample_ode(
         traj_ts = None
     saveat = diffrax.SaveAt(t1=True) if traj_ts is None else diffrax.SaveAt(ts=traj_ts, t1=True)
 
-    with trusted_time():  # solver times lie in [t0, t1], checked above; a NaN time fails the solve instead
+    with (
+        trusted_time()
+    ):  # solver times lie in [t0, t1], checked above; a NaN time fails the solve instead
         sol = diffrax.diffeqsolve(
             term,
             solver_obj,

@@ -603,5 +603,7 @@ def test_data_model_on_linear_path_samples_on_its_interval():
     t0, t1 = dj.integration_interval(path, "data")
     keys = jax.random.split(jax.random.PRNGKey(0), 1000)
     xs = jax.jit(jax.vmap(lambda k: sample_ode(u, path, k, shape=(2,), t0=t0, t1=t1).samples))(keys)
-    mmd_ok, mom_ok, info = _matches(gm, xs)  # σ_{t1} = 1e-3 of leftover noise is far below the tolerance
+    mmd_ok, mom_ok, info = _matches(
+        gm, xs
+    )  # σ_{t1} = 1e-3 of leftover noise is far below the tolerance
     assert mmd_ok and mom_ok, info
