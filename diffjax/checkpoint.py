@@ -145,7 +145,14 @@ def _as_manager(workdir_or_manager) -> tuple[ocp.CheckpointManager, bool]:
 
 
 def read_metadata(workdir_or_manager, step: int | None = None) -> dict | None:
-    """The JSON metadata ``{"config", "tree", "extra"}`` of checkpoint ``step`` (default: latest), or None."""
+    """The JSON metadata ``{"config", "tree", "extra"}`` of checkpoint ``step`` (default: latest), or None.
+
+    Read-only: a workdir that does not exist gives None and is not created.
+    """
+    if not isinstance(workdir_or_manager, ocp.CheckpointManager) and not os.path.isdir(
+        os.fspath(workdir_or_manager)
+    ):
+        return None
     manager, owned = _as_manager(workdir_or_manager)
     try:
         step = manager.latest_step() if step is None else step

@@ -171,3 +171,12 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     first = jax.tree_util.tree_flatten_with_path(init)[0][0]
     key = ".params" + jax.tree_util.keystr(first[0])
     assert not np.array_equal(a[key], np.asarray(first[1]))
+
+
+def test_read_metadata_does_not_create_the_workdir(tmp_path):
+    missing = tmp_path / "no_such_run"
+    assert checkpoint.read_metadata(missing) is None
+    assert not missing.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert checkpoint.read_metadata(empty) is None
