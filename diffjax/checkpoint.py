@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import jax
@@ -181,14 +181,16 @@ def _with_sharding(abstract_state):
     return jax.tree.map(fix, abstract_state)
 
 
-def restore_latest(workdir_or_manager, abstract_state, config: Mapping[str, Any]):
+def restore_latest(
+    workdir_or_manager, abstract_state, config: Mapping[str, Any], *, ignore: Collection[str] = ()
+):
     """Restore the latest checkpoint into the structure of ``abstract_state``: ``(state, step)``, or None.
 
     Args:
         workdir_or_manager: a directory written by :func:`save` (a missing or empty one gives None) or a manager.
         abstract_state: the target PyTree of ``jax.ShapeDtypeStruct`` (``jax.eval_shape(init)``), optionally
             with shardings (leaves without one are restored replicated over all devices).
-        config: the current run's config; it must equal the stored one.
+        config: the current run's config; it must equal the stored one, except for the keys in ``ignore``.
 
     Raises:
         ValueError: the stored config differs (the message names every differing key with both values), or the
@@ -203,7 +205,7 @@ def restore_latest(workdir_or_manager, abstract_state, config: Mapping[str, Any]
             return None
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         where = f"{os.fspath(manager.directory)}/{step}"
-        diff = config_diff(meta["config"], config)
+        diff = {k: v for k, v in config_diff(meta["config"], config).items() if k not in ignore}
         if diff:
             lines = "; ".join(f"{k}: checkpoint={a!r} vs current={b!r}" for k, a, b in _items(diff))
             raise ValueError(

@@ -241,11 +241,11 @@ class ExperimentConfig:
     def guarded_config(self) -> dict[str, Any]:
         """What the checkpoints must agree with to resume (``fit``'s ``extra_config``).
 
-        Everything but the number of steps: a later run with more steps extends the run. ``total_steps`` and
-        the (clamped) ``warmup_steps`` of ``TrainConfig`` are overridden by constants for that reason.
+        Everything but the number of steps: a later run with more steps extends the run (``fit`` lets
+        ``total_steps`` differ). The ``warmup_steps`` of ``TrainConfig`` is clamped to ``steps − 1``, so it is
+        overridden by the unclamped ``warmup`` for the same reason.
         """
         d = {f"exp_{k}": v for k, v in self.to_dict().items() if k != "steps"}
-        d["total_steps"] = "extendable"
         d["warmup_steps"] = self.warmup
         return d
 

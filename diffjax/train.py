@@ -441,6 +441,9 @@ def fit(
     With ``workdir``: if it holds a checkpoint, training resumes from the latest one (its config must equal
     ``config.to_dict() | extra_config``, else ``ValueError``); a checkpoint is saved every ``checkpoint_every``
     steps and at the end, keeping the last ``keep``. Resumed and uninterrupted runs give bit-identical states.
+    ``total_steps`` is the one key allowed to differ: a run trained to s steps and resumed with a larger
+    ``total_steps`` continues from s, with the warm-up + cosine schedule re-planned over the new total (the
+    optimizer state does not depend on it).
 
     Every ``log_every`` steps the metrics averaged over the window are appended to the history, passed to
     ``callback(step, state, metrics)`` and shown on the tqdm bar (which also shows steps/s and the ETA).
@@ -472,7 +475,8 @@ def fit(
     state = None
     if workdir is not None:
         manager = ckpt.make_manager(workdir, keep=keep)
-        restored = ckpt.restore_latest(manager, abstract, run_config)
+        # total_steps may grow: a longer run continues from the checkpoint (only the schedule's length changes)
+        restored = ckpt.restore_latest(manager, abstract, run_config, ignore=("total_steps",))
         if restored is not None:
             state, restored_step = restored
             meta = ckpt.read_metadata(manager)

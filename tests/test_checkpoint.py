@@ -91,6 +91,36 @@ def test_refuses_incompatible_config(tmp_path):
     assert "checkpoint=0.001 vs current=0.5" in str(info.value)
     with pytest.raises(ValueError, match="extra_key"):
         checkpoint.restore_latest(tmp_path, abstract, {**config.to_dict(), "extra_key": 1})
+    # ignored keys may differ; the others are still checked
+    longer = config.replace(total_steps=99).to_dict()
+    restored, step = checkpoint.restore_latest(tmp_path, abstract, longer, ignore=("total_steps",))
+    assert step == 2
+    assert_trees_equal(restored, state)
+    with pytest.raises(ValueError, match="seed"):
+        checkpoint.restore_latest(tmp_path, abstract, other, ignore=("total_steps",))
+
+
+def test_fit_extends_a_run_to_a_larger_total(tmp_path):
+    """fit with a larger total_steps continues from the checkpoint: the first s steps are the earlier run's."""
+    apply, params = nn.split(nn.MLP(2, hidden=16, depth=1, time_dim=8, rngs=nnx.Rngs(0)))
+    batch_fn = lambda s: data.toy_sample("moons", jax.random.key(s), 8)
+    short = train.TrainConfig(warmup_steps=1, total_steps=3, batch_size=8)
+    kw = dict(workdir=tmp_path, checkpoint_every=3, progress=False, log_every=1)
+    s3, _ = train.fit(apply, params, losses.flow_matching(), batch_fn, short, **kw)
+    s5, hist = train.fit(
+        apply, params, losses.flow_matching(), batch_fn, short.replace(total_steps=5), **kw
+    )
+    assert int(s5.step) == 5 and hist["step"] == [1, 2, 3, 4, 5]
+    assert not np.allclose(np.asarray(jax.tree.leaves(s5.params)[0]), jax.tree.leaves(s3.params)[0])
+    with pytest.raises(ValueError, match="learning_rate"):
+        train.fit(
+            apply,
+            params,
+            losses.flow_matching(),
+            batch_fn,
+            short.replace(total_steps=6, learning_rate=0.5),
+            **kw,
+        )
 
 
 def test_refuses_different_parameter_shapes(tmp_path):
