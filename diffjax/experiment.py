@@ -443,7 +443,10 @@ def update_metrics(workdir, section: str, values: dict) -> dict:
 
 
 def restore(workdir):
-    """``(config, apply, ema_params, objective, path, step)`` from the latest checkpoint of ``workdir``."""
+    """``(config, apply, ema_params, objective, path, step)`` from the latest checkpoint of ``workdir``.
+
+    Raises ``ValueError`` if the checkpoint was written under another config than ``experiment.json`` states.
+    """
     workdir = os.fspath(workdir)
     config = load_config(workdir)
     apply, params, objective, path = build_model(config)
@@ -455,7 +458,9 @@ def restore(workdir):
     meta = ckpt.read_metadata(workdir)
     if meta is None:
         raise NoCheckpointError(f"no checkpoint in {workdir}; run diffjax train first")
-    restored = ckpt.restore_latest(workdir, abstract, meta["config"])
+    # The checkpoint must have been written by this config (experiment.json can be edited, and runs written by
+    # older versions lack newer keys such as exp_time_scale): the model would otherwise differ silently.
+    restored = ckpt.restore_latest(workdir, abstract, {**meta["config"], **config.guarded_config()})
     if restored is None:
         raise NoCheckpointError(f"no checkpoint in {workdir}; run diffjax train first")
     state, step = restored

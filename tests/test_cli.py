@@ -210,3 +210,11 @@ def test_run_with_other_time_features_is_refused(tmp_path):
         experiment.run_train(cfg.replace(time_scale=30.0, steps=4), tmp_path, progress=False)
     with pytest.raises(ValueError, match="time_scale"):
         experiment.ExperimentConfig(time_scale=0.0)
+    # sampling reads experiment.json: if it disagrees with the checkpoint, restoring is refused
+    cfg_file = tmp_path / "experiment.json"
+    stored = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**stored, "time_scale": 30.0}))
+    with pytest.raises(ValueError, match="exp_time_scale"):
+        experiment.restore(tmp_path)
+    cfg_file.write_text(json.dumps(stored))
+    assert experiment.restore(tmp_path)[-1] == 2
