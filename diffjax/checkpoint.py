@@ -138,6 +138,13 @@ def save(
     )
 
 
+def _missing_workdir(workdir_or_manager) -> bool:
+    """A path (not a manager) that is not a directory: nothing to read, and nothing is created."""
+    return isinstance(workdir_or_manager, (str, os.PathLike)) and not os.path.isdir(
+        workdir_or_manager
+    )
+
+
 def _as_manager(workdir_or_manager) -> tuple[ocp.CheckpointManager, bool]:
     if isinstance(workdir_or_manager, ocp.CheckpointManager):
         return workdir_or_manager, False
@@ -149,9 +156,7 @@ def read_metadata(workdir_or_manager, step: int | None = None) -> dict | None:
 
     Read-only: a workdir that does not exist gives None and is not created.
     """
-    if not isinstance(workdir_or_manager, ocp.CheckpointManager) and not os.path.isdir(
-        os.fspath(workdir_or_manager)
-    ):
+    if _missing_workdir(workdir_or_manager):
         return None
     manager, owned = _as_manager(workdir_or_manager)
     try:
@@ -196,7 +201,7 @@ def restore_latest(
         ValueError: the stored config differs (the message names every differing key with both values), or the
             state's structure, shapes or dtypes differ (the message names the differing leaves).
     """
-    if isinstance(workdir_or_manager, (str, os.PathLike)) and not os.path.isdir(workdir_or_manager):
+    if _missing_workdir(workdir_or_manager):
         return None
     manager, owned = _as_manager(workdir_or_manager)
     try:

@@ -597,11 +597,10 @@ def _interval(path: paths.AbstractPath, kind: str) -> tuple[float, float, float]
 
     ε/score models convert to a velocity with a division by α, data models with a division by σ: on the linear
     and cosine paths (α = 0 at t = 0, σ = 0 at t = 1) those ends move in by 1e-3. ``t_eps`` = 1 − t1 for the
-    likelihood (the path's own ``t_eps`` when t1 is the path's end).
+    likelihood, so that sampling and likelihood share one interval.
     """
     t0, t1 = (float(v) for v in integration_interval(path, kind))
-    t_eps = path.t_eps if math.isclose(t1, float(path.t_max), abs_tol=1e-6) else 1.0 - t1
-    return t0, t1, t_eps
+    return t0, t1, 1.0 - t1
 
 
 def _chunks(n: int, chunk: int):
