@@ -1,61 +1,185 @@
-"""Model adapters and divergences: from a network of any prediction kind to the fields the solvers need.
+"""Fields and trace estimators as PyTrees: from a network of any prediction kind to what the solvers integrate.
 
-Time convention: **t = 0 is noise, t = 1 is data**. A model is a per-example function ``fn(t, x)`` with scalar t
-and one example x of any shape, returning a prediction of one of the kinds in :data:`diffjax.targets.KINDS`.
+Time convention: **t = 0 is noise, t = 1 is data**. A *model* is a per-example callable ``model(t, x)`` with scalar
+t and one example x of any shape, returning a prediction of a kind in :mod:`diffjax.kinds`. Pass it as a PyTree
+whose parameters are leaves — ``equinox.Partial(apply, params)``, an ``equinox.Module``, or the oracle's
+``GaussianMixture.model(kind, path)`` — so that compiled samplers and likelihoods take the parameters as
+arguments: a second call with new parameters of the same shapes reuses the program, and the program's size does
+not grow with the parameter count. (A plain closure works too, but it is a static part of the program: its
+captured arrays are compiled in as constants and a fresh closure per call recompiles.)
+
+* :class:`VelocityField` / :class:`ScoreField` hold (model, kind, path) and return u_t(x) / ∇log p_t(x) by the
+  exact conversion of :func:`diffjax.targets.convert`; :func:`velocity_field` and :func:`score_field` build them
+  from a kind's name.
+* :class:`ReverseSDEDrift`, :class:`ForwardSDEDiffusion`, :class:`ConstantDiffusion`: the pieces of the reverse-time
+  SDE family f = u + ½g²∇log p.
+* Trace estimators :class:`ExactTrace` (O(D) extra memory per example, whatever D) and :class:`Hutchinson`
+  (fixed probes); :func:`divergence_exact` and :func:`divergence_hutchinson` are their one-call forms.
+
 Batching is ``jax.vmap``; divergences act on one example and never build cross-example Jacobian blocks.
 """
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .kinds import AbstractKind, Score, Velocity, as_kind
 from .paths import AbstractPath
-from .targets import KINDS, _coeffs, convert
+from .targets import convert_at
 
 __all__ = [
+    "AbstractField",
+    "VelocityField",
+    "ScoreField",
+    "ReverseSDEDrift",
+    "ForwardSDEDiffusion",
+    "ConstantDiffusion",
     "velocity_field",
-    "integration_interval",
     "score_field",
+    "integration_interval",
     "reverse_sde_drift",
+    "AbstractTrace",
+    "ExactTrace",
+    "Hutchinson",
+    "as_trace",
     "divergence_exact",
     "divergence_hutchinson",
     "make_probes",
 ]
 
-Field = Callable[[Float[Array, ""], Float[Array, "*shape"]], Float[Array, "*shape"]]
+Model = Callable[[Float[Array, ""], Float[Array, "*shape"]], Float[Array, "*shape"]]
+
+#: The exact trace runs at most this many floats of Jacobian-vector products at once (chunk × D), so its extra
+#: memory is max(D, this) floats per example: O(D).
+EXACT_TRACE_BUDGET = 1 << 16
 
 
-def _check(kind):
-    if kind not in KINDS:
-        raise ValueError(f"unknown parameterization kind={kind!r}; expected one of {KINDS}")
+# ---------------------------------------------------------------------------------------------------------------
+# fields
+# ---------------------------------------------------------------------------------------------------------------
+class AbstractField(eqx.Module):
+    """A time-dependent vector field ``field(t, x)`` on one example (t = 0 noise, t = 1 data)."""
+
+    @abc.abstractmethod
+    def __call__(self, t: Float[Array, ""], x: Float[Array, "*shape"]) -> Float[Array, "*shape"]: ...
 
 
-def velocity_field(fn: Field, kind: str, path: AbstractPath) -> Field:
-    """The probability-flow velocity u_t(x) of a model predicting ``kind`` on ``path``.
+class VelocityField(AbstractField):
+    """The probability-flow velocity u_t(x) of a ``model`` predicting ``kind`` on ``path``.
 
-    Exact conversion (``diffjax.convert``); for kind = "velocity" the model is returned unchanged.
-    Singular only where the conversion is: ε- and score-models where α = 0, data-models where σ = 0 (on the
-    linear and cosine paths: t = 0 and t = 1). :func:`integration_interval` gives the interval to integrate on.
+    u = convert(model(t, x), src=kind, dst=velocity) exactly; singular only where the conversion is: ε- and
+    score-models where α = 0, data-models where σ = 0 (on the linear and cosine paths t = 0 and t = 1;
+    :func:`integration_interval` gives where to integrate). t = 0 is noise, t = 1 is data.
     """
-    _check(kind)
-    if kind == "velocity":
-        return fn
-    return lambda t, x: convert(fn(t, x), src=kind, dst="velocity", path=path, t=t, x_t=x)
+
+    model: Model
+    kind: AbstractKind
+    path: AbstractPath
+
+    def __call__(self, t, x):
+        pred = self.model(t, x)
+        if isinstance(self.kind, Velocity):
+            return pred
+        return convert_at(pred, self.kind, Velocity(), self.path.coefficients(t), x)
 
 
-DEFAULT_ENDPOINT_EPS = 1e-3
+class ScoreField(AbstractField):
+    """The score ∇log p_t(x) of a ``model`` predicting ``kind`` on ``path`` (exact conversion; ŝ = −ε̂/σ)."""
+
+    model: Model
+    kind: AbstractKind
+    path: AbstractPath
+
+    def __call__(self, t, x):
+        pred = self.model(t, x)
+        if isinstance(self.kind, Score):
+            return pred
+        return convert_at(pred, self.kind, Score(), self.path.coefficients(t), x)
+
+
+def _check_model(fn, name="fn"):
+    if not callable(fn):
+        raise ValueError(f"{name} must be a callable model(t, x), got {type(fn).__name__}")
+    if not isinstance(fn, AbstractField) and isinstance(fn, AbstractPath):
+        raise ValueError(f"{name} is a path; pass the model first: velocity_field(model, kind, path)")
+
+
+def velocity_field(fn: Model, kind: str | AbstractKind, path: AbstractPath) -> VelocityField:
+    """:class:`VelocityField` of ``fn`` (a model of ``kind``, by name or object) on ``path``."""
+    _check_model(fn)
+    if not isinstance(path, AbstractPath):
+        raise ValueError(f"path must be a diffjax path, got {type(path).__name__}")
+    return VelocityField(fn, as_kind(kind), path)
+
+
+def score_field(fn: Model, kind: str | AbstractKind, path: AbstractPath) -> ScoreField:
+    """:class:`ScoreField` of ``fn`` (a model of ``kind``, by name or object) on ``path``."""
+    _check_model(fn)
+    if not isinstance(path, AbstractPath):
+        raise ValueError(f"path must be a diffjax path, got {type(path).__name__}")
+    return ScoreField(fn, as_kind(kind), path)
+
+
+class ForwardSDEDiffusion(eqx.Module):
+    """g_t with g_t² = σ_t²λ̇_t: the diffusion of the time-reversed forward SDE (t = 0 noise, t = 1 data).
+
+    σ²λ̇ = 2σ²α̇/α − d(σ²)/dt (finite where σ̇ is not, e.g. VP at t = 1). With this g the reverse SDE is
+    score_sde's ``reverse()`` SDE and the continuous limit of DDPM/VDM ancestral sampling (formula sheet §4).
+    For ``VPPath`` g² = β(1 − t). Paths with α_0 = 0 (linear, cosine) have g → ∞ at t = 0.
+    """
+
+    path: AbstractPath
+
+    def __call__(self, t):
+        a, s, da, _ = self.path.coefficients(t)
+        g2 = 2.0 * s * s * da / a - self.path.d_sigma_sq(t)
+        return jnp.sqrt(jnp.maximum(g2, 0.0))
+
+
+class ConstantDiffusion(eqx.Module):
+    """g_t = value for every t (value ≥ 0; 0 is the probability-flow ODE)."""
+
+    value: Float[Array, ""]
+
+    def __call__(self, t):
+        return self.value * jnp.ones_like(t)
+
+
+class ReverseSDEDrift(eqx.Module):
+    """Drift of the reverse-time family f = u_t + ½·g_t²·∇log p_t (t from 0 noise to 1 data).
+
+    dX = f dt + g_t dW has the marginals p_t for every g_t ≥ 0 (g = 0: the probability-flow ODE).
+    """
+
+    velocity: AbstractField | Model
+    score: AbstractField | Model
+    diffusion: Callable
+
+    def __call__(self, t, x):
+        g = self.diffusion(t)
+        return self.velocity(t, x) + 0.5 * jnp.square(g) * self.score(t, x)
+
+
+def reverse_sde_drift(velocity, score, diffusion) -> ReverseSDEDrift:
+    """:class:`ReverseSDEDrift` of (velocity, score, g)."""
+    return ReverseSDEDrift(velocity, score, diffusion)
+
+
+DEFAULT_MARGIN = 1e-3
 
 
 def integration_interval(
-    path: AbstractPath, kind: str, *, t_eps: float = DEFAULT_ENDPOINT_EPS
+    path: AbstractPath, kind: str | AbstractKind, *, margin: float = DEFAULT_MARGIN
 ) -> tuple[Float[Array, ""], Float[Array, ""]]:
     """(t0, t1): where to integrate the velocity of a ``kind`` model on ``path`` (t = 0 noise, t = 1 data).
 
-    Starts from the path's own interval [``path.t_min``, ``path.t_max``] and moves an end inward by ``t_eps``
+    Starts from the path's own interval [``path.t_min``, ``path.t_max``] and moves an end inward by ``margin``
     where the conversion to a velocity divides by zero. Writing the prediction as c·x̂ + d·ε̂ and
     x_t = α·x̂ + σ·ε̂, the conversion solves a 2×2 system of determinant Δ = c·σ − d·α (``diffjax.convert``):
 
@@ -64,50 +188,139 @@ def integration_interval(
     * ``"v"`` (−σ, α): Δ = −(α² + σ²) < 0 and ``"velocity"``: never singular.
 
     Near a singular end the field is finite but ill-conditioned (an error δ in ε̂ moves u by ~δ·α̇/α), which is
-    why ``t_eps`` is 1e-3 rather than machine precision. A sampler run on the returned interval leaves data
+    why ``margin`` is 1e-3 rather than machine precision. A sampler run on the returned interval leaves data
     perturbed by σ_{t1} at the data end (σ_{t1} ≈ 1e-3 for the linear path), which ``log_likelihood`` reports
-    (``endpoint_sigma_ratio``) with ``t_eps = 1 − t1``. Works under ``jit`` (the ends are arrays).
+    (``endpoint_sigma_ratio``). Works under ``jit`` (the ends are arrays).
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown parameterization kind={kind!r}; expected one of {KINDS}")
-    if not 0.0 < t_eps < 0.5:
-        raise ValueError(f"t_eps must lie in (0, 0.5), got {t_eps}")
+    kind = as_kind(kind)
+    if not 0.0 < margin < 0.5:
+        raise ValueError(f"margin must lie in (0, 0.5), got margin={margin}")
     f = jnp.result_type(float)
     t0 = jnp.asarray(path.t_min, f)
     t1 = jnp.asarray(path.t_max, f)
-    if kind == "velocity":
+    if isinstance(kind, Velocity):
         return t0, t1
 
     def singular(t):
-        a, s, da, ds = path.coefficients(t)
-        c, d = _coeffs(kind, a, s, da, ds)
-        det = c * s - d * a
+        det = kind.determinant(*path.coefficients(t))
         return jnp.logical_not(jnp.isfinite(det) & (det != 0))
 
-    t0 = jnp.where(singular(t0), t0 + t_eps, t0)
-    t1 = jnp.where(singular(t1), t1 - t_eps, t1)
+    t0 = jnp.where(singular(t0), t0 + margin, t0)
+    t1 = jnp.where(singular(t1), t1 - margin, t1)
     return t0, t1
 
 
-def score_field(fn: Field, kind: str, path: AbstractPath) -> Field:
-    """The score ∇log p_t(x) of a model predicting ``kind`` on ``path`` (exact conversion; ŝ = −ε̂/σ)."""
-    _check(kind)
-    if kind == "score":
-        return fn
-    return lambda t, x: convert(fn(t, x), src=kind, dst="score", path=path, t=t, x_t=x)
+# ---------------------------------------------------------------------------------------------------------------
+# trace estimators
+# ---------------------------------------------------------------------------------------------------------------
+class AbstractTrace(eqx.Module):
+    """A divergence estimator: ``estimator(f, x, state)`` → (f(x), ∇·f(x) or its estimate), one example.
 
-
-def reverse_sde_drift(velocity: Field, score: Field, diffusion: Callable) -> Field:
-    """Drift of the reverse-time family f = u_t + ½·g_t²·∇log p_t (t from 0 noise to 1 data).
-
-    dX = f dt + g_t dW has the marginals p_t for every g_t ≥ 0 (g = 0: the probability-flow ODE).
+    ``init(key, x)`` draws the estimator's state (the probes) once per solve; they stay fixed along it.
     """
 
-    def drift(t, x):
-        g = diffusion(t)
-        return velocity(t, x) + 0.5 * jnp.square(g) * score(t, x)
+    def init(self, key: PRNGKeyArray | None, x: Float[Array, "*shape"]):
+        """The state held fixed for a whole solve (None for the exact trace)."""
+        return None
 
-    return drift
+    @abc.abstractmethod
+    def __call__(self, f, x, state) -> tuple[Float[Array, "*shape"], Float[Array, ""]]: ...
+
+
+class ExactTrace(AbstractTrace):
+    """The exact trace Σ_i e_iᵀ(∂f/∂x)e_i: one linearisation of f, then D forward-mode JVPs.
+
+    The JVPs run ``chunk_size`` at a time (default: as many as fit in ``EXACT_TRACE_BUDGET`` = 65,536 floats,
+    at least one), each against a one-hot vector built inside the loop and reduced at once to its diagonal
+    entry, so the extra memory is chunk × D floats: O(D) per example, no D × D identity or Jacobian.
+    """
+
+    chunk_size: int | None = eqx.field(static=True, default=None)
+
+    def __check_init__(self):
+        if self.chunk_size is not None and (
+            isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1
+        ):
+            raise ValueError(f"chunk_size must be None or an int >= 1, got {self.chunk_size!r}")
+
+    def __call__(self, f, x, state=None):
+        shape, d = x.shape, x.size
+        y, lin = jax.linearize(lambda z: f(z.reshape(shape)).reshape(-1), x.reshape(-1))
+        chunk = self.chunk_size or max(1, EXACT_TRACE_BUDGET // max(d, 1))
+        chunk = min(chunk, d)
+
+        def diag(i):
+            return lin(jax.nn.one_hot(i, d, dtype=x.dtype))[i]
+
+        idx = jnp.arange(d)
+        entries = jax.vmap(diag)(idx) if chunk >= d else jax.lax.map(diag, idx, batch_size=chunk)
+        return y.reshape(shape), jnp.sum(entries)
+
+
+class Hutchinson(AbstractTrace):
+    """The Hutchinson–Skilling estimate mean_k v_kᵀ(∂f/∂x)v_k with ``num_probes`` fixed probes.
+
+    Unbiased for any probes with E[vvᵀ] = I (Hutchinson 1990, Skilling 1989; FFJORD, Grathwohl et al. 2019):
+    ``sampler(key, shape, dtype)`` is ``jax.random.rademacher`` (default, lower variance) or
+    ``jax.random.normal``. One linearisation and ``num_probes`` forward-mode JVPs per evaluation.
+    """
+
+    num_probes: int = eqx.field(static=True, default=1)
+    sampler: Callable = eqx.field(static=True, default=jax.random.rademacher)
+
+    def __check_init__(self):
+        if isinstance(self.num_probes, bool) or not isinstance(self.num_probes, int) or self.num_probes < 1:
+            raise ValueError(f"num_probes must be an int >= 1, got {self.num_probes!r}")
+
+    def init(self, key, x):
+        if key is None:
+            raise ValueError(
+                "the Hutchinson trace needs a PRNG key for its probes: pass key=jax.random.key(...) "
+                "(or use the exact trace)"
+            )
+        return self.sampler(key, (self.num_probes, *x.shape), dtype=x.dtype)
+
+    def __call__(self, f, x, state):
+        probes = state
+        if probes.shape[1:] != x.shape:
+            raise ValueError(f"probes must have shape (k, *{x.shape}), got {probes.shape}")
+        if probes.shape[0] == 1:  # a plain JVP (a vmap over one probe lowers to slower batched kernels)
+            y, jv = jax.jvp(f, (x,), (probes[0],))
+            return y, jnp.sum(probes[0] * jv)
+        y, lin = jax.linearize(f, x)
+        jv = jax.vmap(lin)(probes)
+        return y, jnp.mean(jnp.sum((probes * jv).reshape(probes.shape[0], -1), axis=-1))
+
+
+_PROBE_SAMPLERS = {"rademacher": jax.random.rademacher, "gaussian": jax.random.normal}
+
+
+def _probe_sampler(probe: str | Callable) -> Callable:
+    if callable(probe):
+        return probe
+    if probe not in _PROBE_SAMPLERS:
+        raise ValueError(f"unknown probe={probe!r}; expected 'rademacher', 'gaussian' or a sampler function")
+    return _PROBE_SAMPLERS[probe]
+
+
+def as_trace(
+    trace: str | AbstractTrace,
+    *,
+    num_probes: int = 1,
+    probe: str | Callable = "rademacher",
+    chunk_size: int | None = None,
+) -> AbstractTrace:
+    """The estimator for a user-facing name: ``"exact"`` → :class:`ExactTrace` (``chunk_size``),
+    ``"hutchinson"`` → :class:`Hutchinson` (``num_probes``, ``probe``); an estimator is returned unchanged."""
+    if isinstance(trace, AbstractTrace):
+        return trace
+    if trace == "exact":
+        return ExactTrace(chunk_size)
+    if trace == "hutchinson":
+        return Hutchinson(int(num_probes), _probe_sampler(probe))
+    raise ValueError(
+        f"unknown trace={trace!r}; expected 'exact', 'hutchinson' or a diffjax.fields.AbstractTrace instance"
+    )
 
 
 def divergence_exact(
@@ -116,20 +329,8 @@ def divergence_exact(
     *,
     chunk_size: int | None = None,
 ) -> tuple[Float[Array, "*shape"], Float[Array, ""]]:
-    """(f(x), ∇·f(x)) with the exact trace Σ_i e_iᵀ (∂f/∂x) e_i.
-
-    One linearisation of f, then D forward-mode JVPs against the basis vectors (vmapped; ``chunk_size``
-    bounds how many run at once, trading speed for memory on large D). One example only.
-    """
-    shape = x.shape
-    d = x.size
-    y, lin = jax.linearize(lambda z: f(z.reshape(shape)).reshape(-1), x.reshape(-1))
-    eye = jnp.eye(d, dtype=x.dtype)
-    if chunk_size is None or chunk_size >= d:
-        cols = jax.vmap(lin)(eye)  # row i = J e_i
-    else:
-        cols = jax.lax.map(lin, eye, batch_size=chunk_size)
-    return y.reshape(shape), jnp.trace(cols)
+    """(f(x), ∇·f(x)) with the exact trace (:class:`ExactTrace`; O(D) extra memory). One example only."""
+    return ExactTrace(chunk_size)(f, x)
 
 
 def divergence_hutchinson(
@@ -137,16 +338,8 @@ def divergence_hutchinson(
     x: Float[Array, "*shape"],
     probes: Float[Array, " k *shape"],
 ) -> tuple[Float[Array, "*shape"], Float[Array, ""]]:
-    """(f(x), mean_k v_kᵀ (∂f/∂x) v_k): the Hutchinson–Skilling estimate of ∇·f with fixed probes.
-
-    Unbiased for any probes with E[vvᵀ] = I (Hutchinson 1990, Skilling 1989; FFJORD, Grathwohl et al. 2019).
-    One linearisation and k forward-mode JVPs.
-    """
-    if probes.shape[1:] != x.shape:
-        raise ValueError(f"probes must have shape (k, *{x.shape}), got {probes.shape}")
-    y, lin = jax.linearize(f, x)
-    jv = jax.vmap(lin)(probes)
-    return y, jnp.mean(jnp.sum((probes * jv).reshape(probes.shape[0], -1), axis=-1))
+    """(f(x), mean_k v_kᵀ(∂f/∂x)v_k) for fixed ``probes`` (:class:`Hutchinson`). One example only."""
+    return Hutchinson(int(probes.shape[0]))(f, x, probes)
 
 
 def make_probes(
@@ -160,8 +353,4 @@ def make_probes(
     dtype = jnp.result_type(float) if dtype is None else dtype
     if num_probes < 1:
         raise ValueError(f"num_probes must be >= 1, got {num_probes}")
-    if kind == "rademacher":
-        return jax.random.rademacher(key, (num_probes, *shape), dtype=dtype)
-    if kind == "gaussian":
-        return jax.random.normal(key, (num_probes, *shape), dtype=dtype)
-    raise ValueError(f"unknown probe kind {kind!r}; expected 'rademacher' or 'gaussian'")
+    return _probe_sampler(kind)(key, (num_probes, *shape), dtype=dtype)

@@ -2,7 +2,8 @@
 
 Time convention: **t = 0 is noise, t = 1 is data**; x_t = α_t·x + σ_t·ε with x data and ε ~ N(0, I).
 
-Prediction kinds (strings):
+Prediction kinds are the modules of :mod:`diffjax.kinds` (``Eps``, ``Data``, ``V``, ``Velocity``, ``Score``);
+every function here also accepts their names as strings:
 
 * ``"eps"``: ε̂ = E[ε | x_t]
 * ``"data"``: x̂ = E[x | x_t] (a.k.a. x0-prediction; the optimal denoiser)
@@ -14,6 +15,9 @@ Every conversion is linear in the prediction at fixed (t, x_t): writing each kin
 x_t = α·x̂ + σ·ε̂, one 2×2 solve gives the exact coefficients. The score is handled as −σ·ŝ = ε̂ so that
 conversions that do not divide by α or σ mathematically do not divide numerically either. A conversion is
 singular only where the mathematics is (e.g. ε → data at α = 0, data → velocity at σ = 0).
+
+The public functions validate their inputs once (kind names, shapes, t ∈ [0, 1]: a Python error for concrete
+t, one ``equinox.error_if`` for traced t); :func:`convert_at` is the unchecked form for library code.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
+from .kinds import KINDS, AbstractKind, as_kind
 from .paths import AbstractPath, check_time
 
 __all__ = [
@@ -30,17 +35,12 @@ __all__ = [
     "conditional_score",
     "target",
     "convert",
+    "convert_at",
     "error_scale_sq",
 ]
 
-KINDS = ("eps", "data", "v", "velocity", "score")
-
 Scalar = Float[ArrayLike, ""]
-
-
-def _check_kind(kind: str, name: str) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"unknown parameterization {name}={kind!r}; expected one of {KINDS}")
+Kind = str | AbstractKind
 
 
 def _check_same_shape(a, b, na: str, nb: str) -> None:
@@ -56,7 +56,7 @@ def interpolate(
 ) -> Float[Array, "*shape"]:
     """x_t = α_t·x + σ_t·ε (t = 0 noise, t = 1 data)."""
     _check_same_shape(x, eps, "x", "eps")
-    a, s, _, _ = path.coefficients(t)
+    a, s, _, _ = path.coefficients(check_time(t))
     return a * x + s * eps
 
 
@@ -68,7 +68,7 @@ def conditional_velocity(
     Singular at σ = 0 (t = 1 on paths that reach the data exactly); use :func:`target` with ε there.
     """
     _check_same_shape(x_t, x, "x_t", "x")
-    a, s, da, ds = path.coefficients(t)
+    a, s, da, ds = path.coefficients(check_time(t))
     r = ds / s
     return (da - r * a) * x + r * x_t
 
@@ -78,44 +78,44 @@ def conditional_score(
 ) -> Float[Array, "*shape"]:
     """∇_{x_t} log p_t(x_t | x) = −(x_t − α_t·x)/σ_t²  (= −ε/σ). Singular at σ = 0 (t = 1)."""
     _check_same_shape(x_t, x, "x_t", "x")
-    a, s, _, _ = path.coefficients(t)
+    a, s, _, _ = path.coefficients(check_time(t))
     return -(x_t - a * x) / jnp.square(s)
 
 
-def _coeffs(kind, a, s, da, ds):
-    """(c, d) with kind = c·x̂ + d·ε̂ (score represented through ε)."""
-    if kind == "data":
-        return 1.0, 0.0
-    if kind in ("eps", "score"):
-        return 0.0, 1.0
-    if kind == "v":
-        return -s, a
-    if kind == "velocity":
-        return da, ds
-    raise AssertionError(kind)
-
-
 def target(
-    kind: str, path: AbstractPath, t: Scalar, x: Float[Array, "*shape"], eps: Float[Array, "*shape"]
+    kind: Kind, path: AbstractPath, t: Scalar, x: Float[Array, "*shape"], eps: Float[Array, "*shape"]
 ) -> Float[Array, "*shape"]:
     """The regression target of a prediction kind for one draw (x, ε) at time t (t = 0 noise, t = 1 data).
 
     eps → ε, data → x, v → α·ε − σ·x, velocity → α̇·x + σ̇·ε, score → −ε/σ (singular at σ = 0).
     """
-    _check_kind(kind, "kind")
+    kind = as_kind(kind)
     _check_same_shape(x, eps, "x", "eps")
-    a, s, da, ds = path.coefficients(t)
-    if kind == "score":
-        return -eps / s
-    c, d = _coeffs(kind, a, s, da, ds)
-    return c * x + d * eps
+    return kind.target(*path.coefficients(check_time(t)), x, eps)
+
+
+def convert_at(pred, src: AbstractKind, dst: AbstractKind, coefficients, x_t):
+    """The unchecked conversion of ``pred`` from kind ``src`` to ``dst`` at (α, σ, α̇, σ̇) = ``coefficients``.
+
+    With src = c_s·x̂ + d_s·ε̂ (after ``src.encode``) and x_t = α·x̂ + σ·ε̂, (x̂, ε̂) solve a 2×2 system of
+    determinant Δ = c_s·σ − d_s·α, and dst = c_d·x̂ + d_d·ε̂ (then ``dst.decode``). For library code inside
+    solvers and losses, whose inputs are valid by construction; users call :func:`convert`.
+    """
+    a, s, da, ds = coefficients
+    y = src.encode(pred, a, s)
+    if src.basis != dst.basis:
+        cs, d_s = src.coefficients(a, s, da, ds)
+        cd, dd = dst.coefficients(a, s, da, ds)
+        det = cs * s - d_s * a
+        y = ((cd * s - dd * a) * y + (dd * cs - cd * d_s) * x_t) / det
+    return dst.decode(y, a, s)
 
 
 def convert(
     pred: Float[Array, "*shape"],
     *,
-    src: str,
-    dst: str,
+    src: Kind,
+    dst: Kind,
     path: AbstractPath,
     t: Scalar,
     x_t: Float[Array, "*shape"],
@@ -132,38 +132,14 @@ def convert(
 
     Time: t = 0 is noise, t = 1 is data.
     """
-    _check_kind(src, "src")
-    _check_kind(dst, "dst")
+    src, dst = as_kind(src, "src"), as_kind(dst, "dst")
     _check_same_shape(pred, x_t, "pred", "x_t")
-    a, s, da, ds = path.coefficients(t)
-    y = -s * pred if src == "score" else pred
-    base_src = "eps" if src == "score" else src
-    base_dst = "eps" if dst == "score" else dst
-    if base_src == base_dst:
-        out = y
-    else:
-        cs, d_s = _coeffs(base_src, a, s, da, ds)
-        cd, dd = _coeffs(base_dst, a, s, da, ds)
-        det = cs * s - d_s * a
-        out = ((cd * s - dd * a) * y + (dd * cs - cd * d_s) * x_t) / det
-    return -out / s if dst == "score" else out
+    return convert_at(pred, src, dst, path.coefficients(check_time(t)), x_t)
 
 
-def error_scale_sq(kind: str, path: AbstractPath, t: Scalar) -> Float[Array, ""]:
+def error_scale_sq(kind: Kind, path: AbstractPath, t: Scalar) -> Float[Array, ""]:
     """κ_t² with ‖ŷ − y‖² = κ_t²·‖ε̂ − ε‖² for predictions of ``kind`` from one network output.
 
     eps: 1; data: σ²/α² = e^{−λ}; v: (α² + σ²)²/α²; velocity: σ²λ̇²/4; score: 1/σ² (formulas sheet §1.3).
     """
-    _check_kind(kind, "kind")
-    t = check_time(t)
-    a, s, da, ds = path.coefficients(t)
-    if kind == "eps":
-        return jnp.ones_like(a)
-    if kind == "data":
-        return jnp.square(s / a)
-    if kind == "v":
-        return jnp.square(a * a + s * s) / jnp.square(a)
-    if kind == "velocity":
-        # σλ̇/2 = (α̇σ − σ̇α)/α
-        return jnp.square((da * s - ds * a) / a)
-    return 1.0 / jnp.square(s)
+    return as_kind(kind).error_scale_sq(*path.coefficients(check_time(t)))
