@@ -12,6 +12,12 @@ C_k = α_t² s_k² + σ_t². Per component (formulas sheet §6.1):
 mixed with the posterior responsibilities r_k(x) ∝ π_k N(x; α μ_k, C_k). These component forms are regular at
 both ends of [0, 1] wherever C_k > 0 (the score form (α̇/α)x + … of the velocity is not), and d(σ²)/dt comes
 from the path's ``d_sigma_sq`` so VP paths stay finite at t = 1.
+
+The oracle is a PyTree: the mixture's arrays are leaves, and :meth:`GaussianMixture.model` returns a
+:class:`MixtureModel` (mixture, kind, path), so compiled samplers take the oracle as an argument. Its methods check
+their inputs at trace time only (x's shape; t ∈ [0, 1] where t is concrete) and compile in no runtime check, since
+they run once per step inside ODE/SDE solvers; a traced t is the caller's to validate
+(:func:`diffjax.paths.check_time` at the public entry point).
 """
 
 from __future__ import annotations
@@ -23,10 +29,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
+from .kinds import AbstractKind, Data, Eps, Score, Velocity, as_kind
 from .paths import AbstractPath, check_time
-from .targets import KINDS
 
-__all__ = ["GaussianMixture"]
+__all__ = ["GaussianMixture", "MixtureModel"]
 
 Scalar = Float[ArrayLike, ""]
 
@@ -120,9 +126,13 @@ class GaussianMixture(eqx.Module):
         return self.log_weights - 0.5 * (quad + logdet + d * math.log(2 * math.pi))
 
     # --- marginals along a path ----------------------------------------------------------------------
+    # The public methods below validate their inputs once, at trace time: x's shape, and t ∈ [0, 1] where t is
+    # concrete (a Python error; no runtime check is compiled in). A traced t — inside jit, vmap or an ODE
+    # solver — is the caller's responsibility (diffjax.paths.check_time at the entry point): these methods run
+    # once per solver step, where a runtime check (a host callback) would cost time and keep the program out of
+    # the compilation cache.
     def _stats(self, path: AbstractPath, t, x):
-        self._check_x(x)
-        t = check_time(t)
+        """Unchecked per-component statistics at (t, x): (α, σ, α̇, αμ_k, C_k, Ċ_k, log-joint_k, r_k)."""
         a, s, da, _ = path.coefficients(t)
         dsig2 = path.d_sigma_sq(t)
         m = a * self.means
@@ -132,66 +142,132 @@ class GaussianMixture(eqx.Module):
         r = jax.nn.softmax(logj)
         return a, s, da, m, c, dc, logj, r
 
+    def _inputs(self, t, x):
+        self._check_x(x)
+        return _boundary_time(t), x
+
     def marginal_log_prob(self, path: AbstractPath, t: Scalar, x: Float[Array, " D"]):
         """log p_t(x): the exact marginal density of x_t (t = 0 noise, t = 1 data)."""
+        t, x = self._inputs(t, x)
         return jax.nn.logsumexp(self._stats(path, t, x)[6])
 
     def score(self, path: AbstractPath, t: Scalar, x: Float[Array, " D"]) -> Float[Array, " D"]:
-        """∇_x log p_t(x) = Σ_k r_k·(−(x − αμ_k)/C_k)."""
+        """∇_x log p_t(x) = Σ_k r_k·(−(x − αμ_k)/C_k) (t = 0 noise, t = 1 data)."""
+        t, x = self._inputs(t, x)
+        return self._score(path, t, x)
+
+    def _score(self, path, t, x):
         _, _, _, m, c, _, _, r = self._stats(path, t, x)
         return r @ (-(x - m) / c)
 
     def velocity(self, path: AbstractPath, t: Scalar, x: Float[Array, " D"]) -> Float[Array, " D"]:
-        """The marginal (probability-flow) velocity u_t(x) = Σ_k r_k (α̇μ_k + ½ Ċ_k/C_k (x − αμ_k))."""
+        """The marginal (probability-flow) velocity u_t(x) = Σ_k r_k (α̇μ_k + ½ Ċ_k/C_k (x − αμ_k)).
+
+        t = 0 is noise, t = 1 is data.
+        """
+        t, x = self._inputs(t, x)
+        return self._velocity(path, t, x)
+
+    def _velocity(self, path, t, x):
         _, _, da, m, c, dc, _, r = self._stats(path, t, x)
         return r @ (da * self.means + 0.5 * dc / c * (x - m))
 
     def divergence(self, path: AbstractPath, t: Scalar, x: Float[Array, " D"]) -> Float[Array, ""]:
-        """∇·u_t(x) = Σ_k r_k [(s_k − ∇log p_t)·u^{(k)} + ½ Σ_d Ċ_k/C_k] in closed form."""
+        """∇·u_t(x) = Σ_k r_k [(s_k − ∇log p_t)·u^{(k)} + ½ Σ_d Ċ_k/C_k] in closed form (t = 0 noise)."""
+        t, x = self._inputs(t, x)
         _, _, da, m, c, dc, _, r = self._stats(path, t, x)
         sk = -(x - m) / c
         uk = da * self.means + 0.5 * dc / c * (x - m)
         score = r @ sk
         return jnp.sum(r * (jnp.sum((sk - score) * uk, axis=-1) + 0.5 * jnp.sum(dc / c, axis=-1)))
 
+    def _posterior_means(self, path, t, x):
+        """(x̂, ε̂) = (E[data | x_t = x], E[ε | x_t = x]), unchecked."""
+        a, s, _, m, c, _, _, r = self._stats(path, t, x)
+        z = (x - m) / c
+        return r @ (self.means + a * self.variances * z), r @ (s * z)
+
     def posterior_mean(
         self, path: AbstractPath, t: Scalar, x: Float[Array, " D"]
     ) -> Float[Array, " D"]:
-        """E[data | x_t = x], the optimal data prediction (denoiser)."""
-        a, _, _, m, c, _, _, r = self._stats(path, t, x)
-        return r @ (self.means + a * self.variances * (x - m) / c)
+        """E[data | x_t = x], the optimal data prediction (denoiser); t = 0 noise, t = 1 data."""
+        t, x = self._inputs(t, x)
+        return self._posterior_means(path, t, x)[0]
 
     def eps_posterior_mean(
         self, path: AbstractPath, t: Scalar, x: Float[Array, " D"]
     ) -> Float[Array, " D"]:
-        """E[ε | x_t = x], the optimal noise prediction."""
-        _, s, _, m, c, _, _, r = self._stats(path, t, x)
-        return r @ (s * (x - m) / c)
+        """E[ε | x_t = x], the optimal noise prediction; t = 0 noise, t = 1 data."""
+        t, x = self._inputs(t, x)
+        return self._posterior_means(path, t, x)[1]
 
     def predict(
-        self, kind: str, path: AbstractPath, t: Scalar, x: Float[Array, " D"]
+        self, kind: str | AbstractKind, path: AbstractPath, t: Scalar, x: Float[Array, " D"]
     ) -> Float[Array, " D"]:
-        """The exact (Bayes-optimal) prediction of a given kind at (t, x): a perfect model of that kind."""
-        if kind not in KINDS:
-            raise ValueError(f"unknown parameterization kind={kind!r}; expected one of {KINDS}")
-        if kind == "velocity":
-            return self.velocity(path, t, x)
-        if kind == "score":
-            return self.score(path, t, x)
-        if kind == "data":
-            return self.posterior_mean(path, t, x)
-        if kind == "eps":
-            return self.eps_posterior_mean(path, t, x)
-        a, s, _, m, c, _, _, r = self._stats(path, t, x)
-        xhat = r @ (self.means + a * self.variances * (x - m) / c)
-        ehat = r @ (s * (x - m) / c)
-        return a * ehat - s * xhat
+        """The exact (Bayes-optimal) prediction of ``kind`` at (t, x): a perfect model of that kind.
 
-    def model(self, kind: str, path: AbstractPath):
-        """A perfect model ``fn(t, x)`` of the given prediction kind on ``path`` (t = 0 noise, t = 1 data)."""
-        if kind not in KINDS:
-            raise ValueError(f"unknown parameterization kind={kind!r}; expected one of {KINDS}")
-        return lambda t, x: self.predict(kind, path, t, x)
+        ``kind`` is a name in :data:`diffjax.kinds.KINDS` or a kind object. The velocity and the score use their
+        component forms (finite at both ends, VP at t = 1 included); every other kind is its linear
+        representation c·x̂ + d·ε̂ of the posterior means (``kind.target``), e.g. v = α·ε̂ − σ·x̂.
+        t = 0 is noise, t = 1 is data.
+        """
+        kind = as_kind(kind)
+        t, x = self._inputs(t, x)
+        return self._predict(kind, path, t, x)
+
+    def _predict(self, kind: AbstractKind, path, t, x):
+        if isinstance(kind, Velocity):
+            return self._velocity(path, t, x)
+        if isinstance(kind, Score):
+            return self._score(path, t, x)
+        xhat, ehat = self._posterior_means(path, t, x)
+        if isinstance(kind, Data):
+            return xhat
+        if isinstance(kind, Eps):
+            return ehat
+        return kind.target(*path.coefficients(t), xhat, ehat)
+
+    def model(self, kind: str | AbstractKind, path: AbstractPath) -> MixtureModel:
+        """A perfect model ``model(t, x)`` of the given prediction kind on ``path`` (t = 0 noise, t = 1 data).
+
+        The model is a PyTree (:class:`MixtureModel`) whose leaves are this mixture's and the path's arrays, so
+        a sampler or likelihood compiled with ``equinox.filter_jit`` takes them as arguments (a new mixture of
+        the same shapes reuses the program) and ``grad`` reaches them.
+        """
+        if not isinstance(path, AbstractPath):
+            raise ValueError(f"GaussianMixture.model: path must be a diffjax path, got {path!r}")
+        return MixtureModel(self, as_kind(kind), path)
+
+
+class MixtureModel(eqx.Module):
+    """The exact model of ``kind`` for ``mixture`` data on ``path``: ``model(t, x) = mixture.predict(...)``.
+
+    An ``equinox.Module`` (the mixture's and the path's arrays are leaves; the kind has none), built by
+    :meth:`GaussianMixture.model`. Called with a concrete t it checks t ∈ [0, 1]; a traced t (inside a solver)
+    is not checked. t = 0 is noise, t = 1 is data.
+    """
+
+    mixture: GaussianMixture
+    kind: AbstractKind
+    path: AbstractPath
+
+    def __call__(self, t: Scalar, x: Float[Array, " D"]) -> Float[Array, " D"]:
+        return self.mixture.predict(self.kind, self.path, t, x)
+
+
+def _boundary_time(t):
+    """t as a float scalar; t ∈ [0, 1] is checked (Python error) only where t is concrete.
+
+    A traced t is passed through unchecked: it comes from a solver or from a caller that validated it.
+    """
+    if isinstance(t, jax.core.Tracer):
+        if t.shape != ():
+            raise ValueError(
+                f"t must be a scalar (one time per example; use jax.vmap for batches), got shape {t.shape}"
+            )
+        return t if jnp.issubdtype(t.dtype, jnp.floating) else t.astype(jnp.result_type(float))
+    with jax.ensure_compile_time_eval():  # concrete under jit too: the check resolves at trace time
+        return check_time(t)
 
 
 # =====================================================================================================
