@@ -18,7 +18,7 @@ For one example x of D numbers and an integration window [t0, t1] (t0 at the noi
   its expectation over ε is exactly (D/2)(log 2π − λ(t1) + 1) (no Monte Carlo needed). For integer data the
   VDM discrete decoder (``decoder="discrete"``) puts a softmax over the bin centres of each coordinate;
 * diffusion term: ε̂ comes from the model of any kind by the exact conversion
-  :func:`diffjax.targets.convert` (src=kind, dst="eps"). It is estimated by Monte Carlo, one ε per time:
+  :func:`diffjax.targets.convert` (src=kind, dst="eps"; the kind is a name or a :mod:`diffjax.kinds` object). It is estimated by Monte Carlo, one ε per time:
 
   - ``"importance"`` (default): λ ~ U[λ(t0), λ(t1)] (stratified), t = ``path.t_from_log_snr(λ)``, weight
     (λ1 − λ0) — no λ̇ is needed and the weight is bounded (the integrand E‖ε̂ − ε‖² ≤ D for the exact model);
@@ -39,6 +39,12 @@ means/√(n/2). These need an even ``num_samples``.
 The bound holds against the *model* per point (ELBO(x) ≤ log p_model(x), p_model the reverse SDE with
 g² = σ²λ̇ followed by the decoder); against the data density only in expectation. With the exact denoiser,
 ELBO(x) → log p_data(x) as the λ range widens (formulas-detailed.md §6.2; checked in the tests).
+
+:func:`elbo` validates its arguments once, at its entry (kind, sampler and decoder names, the window; a traced
+window gets one ``equinox.error_if``); the per-sample code that ``vmap`` runs holds no checks. It works under
+``jit``, ``vmap`` and ``grad``: pass the model as a PyTree (``equinox.Partial(apply, params)``, an
+``equinox.Module``, ``GaussianMixture.model``) to differentiate with respect to its parameters or to reuse one
+``equinox.filter_jit`` program for new parameters; a learned schedule is a path whose leaves are parameters.
 """
 
 from __future__ import annotations
@@ -51,10 +57,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
+from .kinds import AbstractKind, Eps, as_kind
 from .paths import AbstractPath, Normal
-from .targets import KINDS, convert
+from .targets import convert_at
 
-__all__ = ["ELBOResult", "elbo", "bits_per_dim", "SAMPLERS", "DECODERS"]
+__all__ = ["ELBOResult", "elbo", "elbo_bits_per_dim", "SAMPLERS", "DECODERS"]
 
 SAMPLERS = ("importance", "stratified", "antithetic", "uniform")
 DECODERS = ("gaussian", "discrete")
@@ -67,7 +74,7 @@ class ELBOResult(eqx.Module):
 
     elbo = −(prior_kl + reconstruction + diffusion); ``stderr`` is the Monte Carlo standard error of ``elbo``
     (from the diffusion term, plus the reconstruction term for the discrete decoder).
-    ``num_dims`` is D, the number of scalars in one example (static), used by :func:`bits_per_dim`.
+    ``num_dims`` is D, the number of scalars in one example (static), used by :func:`elbo_bits_per_dim`.
     """
 
     elbo: Float[Array, "*batch"]
@@ -80,14 +87,16 @@ class ELBOResult(eqx.Module):
     num_dims: int = eqx.field(static=True)
 
 
-def bits_per_dim(
+def elbo_bits_per_dim(
     elbo: ELBOResult | Float[ArrayLike, "*batch"],
     num_dims: int | None = None,
     *,
     num_levels: int | None = None,
     scale: float = 1.0,
 ) -> Float[Array, "*batch"]:
-    """Bits per dimension −ELBO/(D ln 2), plus the dequantisation offset for continuous decoders.
+    """Bits per dimension of an ELBO: −ELBO/(D ln 2), plus the dequantisation offset for continuous decoders.
+
+    (:func:`diffjax.likelihood.bits_per_dim` is the exact-likelihood counterpart: it runs the ODE itself.)
 
     For integer data with L = ``num_levels`` levels, dequantised as y = (k + u)/L ∈ [0, 1) and modelled in
     x = a·y + b (a = ``scale``), the continuous ELBO in x-space gives a bound on the discrete bpd of
@@ -110,13 +119,13 @@ def bits_per_dim(
         value = jnp.asarray(elbo)
     if num_dims is None or int(num_dims) <= 0:
         raise ValueError(
-            f"bits_per_dim: num_dims must be a positive int (D, scalars per example), got {num_dims}"
+            f"elbo_bits_per_dim: num_dims must be a positive int (D, scalars per example), got {num_dims}"
         )
     bpd = -value / (int(num_dims) * math.log(2.0))
     if num_levels is not None:
         if int(num_levels) < 2 or float(scale) <= 0:
             raise ValueError(
-                f"bits_per_dim: need num_levels >= 2 and scale > 0, got num_levels={num_levels}, "
+                f"elbo_bits_per_dim: need num_levels >= 2 and scale > 0, got num_levels={num_levels}, "
                 f"scale={scale}"
             )
         bpd = bpd - math.log2(float(scale) / int(num_levels))
@@ -128,12 +137,14 @@ def _is_concrete(*xs) -> bool:
 
 
 def _resolve_window(path: AbstractPath, t0, t1, log_snr_range):
-    """(t0, t1, λ0, λ1) with t0 < t1 (t = 0 noise, t = 1 data); ValueError on infinite or empty ranges.
+    """(t0, t1, λ0, λ1) with 0 ≤ t0 < t1 ≤ 1 (t = 0 noise, t = 1 data), checked once.
 
-    The window is evaluated eagerly where its inputs are concrete (also inside ``jit``), so that bad windows
-    raise ``ValueError`` at Python level; with traced path parameters the check is ``eqx.error_if``.
+    The window is evaluated at trace time where its inputs are concrete (also inside ``jit``): a bad window
+    raises ``ValueError`` and nothing is compiled in. Where it depends on traced values (traced t0/t1 or
+    log_snr_range, a path whose parameters are traced) the same conditions are one ``equinox.error_if``.
     """
     f = jnp.result_type(float)
+    lam_min = lam_max = None
     with jax.ensure_compile_time_eval():
         if log_snr_range is not None:
             if t0 is not None or t1 is not None:
@@ -141,6 +152,11 @@ def _resolve_window(path: AbstractPath, t0, t1, log_snr_range):
                     "elbo: give either t0/t1 or log_snr_range=(lam_min, lam_max), not both"
                 )
             lam_min, lam_max = (jnp.asarray(v, f) for v in log_snr_range)
+            if lam_min.shape != () or lam_max.shape != ():
+                raise ValueError(
+                    f"elbo: log_snr_range must be two scalars, got shapes {lam_min.shape}, "
+                    f"{lam_max.shape}"
+                )
             if _is_concrete(lam_min, lam_max):
                 if not (bool(jnp.isfinite(lam_min)) and bool(jnp.isfinite(lam_max))):
                     raise ValueError(
@@ -158,39 +174,53 @@ def _resolve_window(path: AbstractPath, t0, t1, log_snr_range):
             t1 = jnp.asarray(path.t_max if t1 is None else t1, f)
         if t0.shape != () or t1.shape != ():
             raise ValueError(f"elbo: t0 and t1 must be scalars, got shapes {t0.shape}, {t1.shape}")
-        if _is_concrete(t0, t1):
-            if not (0.0 <= float(t0) < float(t1) <= 1.0):
+        if _is_concrete(t0, t1) and not (0.0 <= float(t0) < float(t1) <= 1.0):
+            raise ValueError(
+                f"elbo: need 0 <= t0 < t1 <= 1 (t=0 noise, t=1 data), got t0={float(t0)}, "
+                f"t1={float(t1)}"
+            )
+        lam0, lam1 = path.log_snr(t0), path.log_snr(t1)
+        concrete = _is_concrete(t0, t1, lam0, lam1)
+        if log_snr_range is not None:
+            concrete = concrete and _is_concrete(lam_min, lam_max)
+        if concrete:
+            if not (bool(jnp.isfinite(lam0)) and bool(jnp.isfinite(lam1))):
                 raise ValueError(
-                    f"elbo: need 0 <= t0 < t1 <= 1 (t=0 noise, t=1 data), got t0={float(t0)}, "
-                    f"t1={float(t1)}"
+                    f"elbo: the log-SNR is infinite on the integration window (λ(t0={float(t0):.6g})"
+                    f" = {float(lam0)}, λ(t1={float(t1):.6g}) = {float(lam1)}); the ELBO needs a "
+                    "finite range. Pass log_snr_range=(lam_min, lam_max), e.g. (-10.0, 12.0), or "
+                    f"t0/t1 strictly inside (0, 1) for {type(path).__name__}"
                 )
-            # unchecked evaluation (t is validated above); check_time's error_if is not eager-safe here
-            lam0_c, lam1_c = path._log_snr(t0), path._log_snr(t1)
-            if _is_concrete(lam0_c, lam1_c):
-                if not (bool(jnp.isfinite(lam0_c)) and bool(jnp.isfinite(lam1_c))):
-                    raise ValueError(
-                        f"elbo: the log-SNR is infinite on the integration window (λ(t0={float(t0):.6g})"
-                        f" = {float(lam0_c)}, λ(t1={float(t1):.6g}) = {float(lam1_c)}); the ELBO needs a "
-                        "finite range. Pass log_snr_range=(lam_min, lam_max), e.g. (-10.0, 12.0), or "
-                        f"t0/t1 strictly inside (0, 1) for {type(path).__name__}"
-                    )
-                if log_snr_range is not None and _is_concrete(lam_min, lam_max):
-                    for want, got in ((lam_min, lam0_c), (lam_max, lam1_c)):
-                        if abs(float(got) - float(want)) > 1e-4 * (1.0 + abs(float(want))):
-                            raise ValueError(
-                                f"elbo: log_snr_range=({float(lam_min)}, {float(lam_max)}) lies outside"
-                                f" what {type(path).__name__} reaches on [0, 1] (λ({float(t0):.6g}) = "
-                                f"{float(lam0_c):.6g}, λ({float(t1):.6g}) = {float(lam1_c):.6g}); "
-                                "choose a range inside path.log_snr on [0, 1]"
-                            )
-    lam0 = path.log_snr(t0)
-    lam1 = path.log_snr(t1)
-    bad = ~(jnp.isfinite(lam0) & jnp.isfinite(lam1) & (lam0 < lam1))
+            if log_snr_range is not None:
+                for want, got in ((lam_min, lam0), (lam_max, lam1)):
+                    if abs(float(got) - float(want)) > 1e-4 * (1.0 + abs(float(want))):
+                        raise ValueError(
+                            f"elbo: log_snr_range=({float(lam_min)}, {float(lam_max)}) lies outside"
+                            f" what {type(path).__name__} reaches on [0, 1] (λ({float(t0):.6g}) = "
+                            f"{float(lam0):.6g}, λ({float(t1):.6g}) = {float(lam1):.6g}); "
+                            "choose a range inside path.log_snr on [0, 1]"
+                        )
+                # the requested endpoints exactly (t_from_log_snr is the exact inverse on the path's range)
+                lam0, lam1 = lam_min, lam_max
+            elif not float(lam0) < float(lam1):
+                raise ValueError(
+                    f"elbo: the log-SNR must increase over the window, got λ(t0) = {float(lam0)}, "
+                    f"λ(t1) = {float(lam1)}"
+                )
+            return t0, t1, lam0, lam1
+    # traced window: the same conditions, once, at runtime
+    ok = (t0 >= 0) & (t0 < t1) & (t1 <= 1) & jnp.isfinite(lam0) & jnp.isfinite(lam1) & (lam0 < lam1)
+    if log_snr_range is not None:
+        for want, got in ((lam_min, lam0), (lam_max, lam1)):
+            ok = ok & (jnp.abs(got - want) <= 1e-4 * (1.0 + jnp.abs(want)))
     lam0 = eqx.error_if(
-        lam0, bad, "diffjax.vlb: the log-SNR window must be finite with λ(t0) < λ(t1)"
+        lam0,
+        ~ok,
+        "diffjax.vlb.elbo: the window must satisfy 0 <= t0 < t1 <= 1 with a finite log-SNR increasing "
+        "from λ(t0) to λ(t1), and log_snr_range must lie inside what the path reaches on [0, 1]",
     )
     if log_snr_range is not None:
-        # the requested endpoints exactly (t_from_log_snr is the exact inverse on the path's range)
+        # the requested endpoints exactly; the `0·λ` keeps the check in the program
         lam0, lam1 = lam_min + 0.0 * lam0, lam_max + 0.0 * lam1
     return t0, t1, lam0, lam1
 
@@ -204,7 +234,7 @@ def _pair_se(y: Float[Array, " n"]) -> Float[Array, ""]:
 
 def elbo(
     fn: Callable,
-    kind: str,
+    kind: str | AbstractKind,
     path: AbstractPath,
     x: Float[Array, "*shape"],
     key: PRNGKeyArray,
@@ -226,10 +256,12 @@ def elbo(
         ELBO(x) = −KL(N(α_{t0}x, σ_{t0}²I) ‖ p_0) + E[log p(x | x_{t1})] − ½∫_{λ(t0)}^{λ(t1)} E‖ε̂ − ε‖² dλ
 
     (see the module docstring for each term and the samplers). Batch with ``jax.vmap`` over (x, key).
+    Differentiable with respect to the model's and the path's leaves (the Monte Carlo draw is fixed by ``key``).
 
     Args:
-        fn: the model, ``fn(t, x_t) -> prediction`` of kind ``kind`` for scalar t and one example.
-        kind: one of :data:`diffjax.targets.KINDS` ("eps", "data", "v", "velocity", "score").
+        fn: the model, ``fn(t, x_t) -> prediction`` of kind ``kind`` for scalar t and one example; a PyTree
+            (``equinox.Partial``, an ``equinox.Module``) to differentiate or recompile-free ``filter_jit``.
+        kind: a name in :data:`diffjax.kinds.KINDS` ("eps", "data", "v", "velocity", "score") or a kind object.
         path: the Gaussian path the model was trained on.
         x: one data example (any shape; D = x.size). For ``decoder="discrete"`` x holds bin centres.
         key: PRNG key for the times and noises.
@@ -247,8 +279,12 @@ def elbo(
     Returns:
         :class:`ELBOResult` with elbo, prior_kl, reconstruction (= E[−log p(x|x_{t1})]), diffusion, stderr.
     """
-    if kind not in KINDS:
-        raise ValueError(f"elbo: unknown parameterization kind={kind!r}; expected one of {KINDS}")
+    # --- every check, once -------------------------------------------------------------------------------
+    kind = as_kind(kind, "kind")
+    if not callable(fn):
+        raise ValueError(f"elbo: fn must be a callable model fn(t, x_t), got {type(fn).__name__}")
+    if not isinstance(path, AbstractPath):
+        raise ValueError(f"elbo: path must be a diffjax path, got {type(path).__name__}")
     if sampler not in SAMPLERS:
         raise ValueError(f"elbo: unknown sampler={sampler!r}; expected one of {SAMPLERS}")
     if decoder not in DECODERS:
@@ -264,12 +300,19 @@ def elbo(
         raise ValueError(
             f"elbo: prior must be a diffjax.paths.Normal (closed-form KL), got {type(prior).__name__}"
         )
+    if decoder == "discrete":
+        lo, hi = (float(v) for v in data_range)
+        levels = int(num_levels)
+        if not hi > lo or levels < 2:
+            raise ValueError(
+                f"elbo: discrete decoder needs data_range=(lo, hi) with hi > lo and num_levels >= 2, got "
+                f"{data_range}, {num_levels}"
+            )
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(jnp.result_type(float))
     dtype = x.dtype
     d = x.size
-
     t0, t1, lam0, lam1 = _resolve_window(path, t0, t1, log_snr_range)
 
     # --- prior term: KL(N(α0 x, σ0² I) ‖ N(0, τ² I)) at the noise end ---------------------------------------
@@ -305,11 +348,16 @@ def elbo(
     else:
         eps = jax.random.normal(k_eps, (n,) + x.shape, dtype)
 
-    def sq_err(t, e):
-        a, s, _, _ = path.coefficients(t)
+    def sq_err(t, e):  # per sample, unchecked: t lies in the validated window by construction
+        coefficients = path.coefficients(t)
+        a, s, _, _ = coefficients
         x_t = a * x + s * e
         pred = fn(t, x_t)
-        eps_hat = convert(pred, src=kind, dst="eps", path=path, t=t, x_t=x_t)
+        if jnp.shape(pred) != x_t.shape:
+            raise ValueError(
+                f"elbo: the model returned shape {jnp.shape(pred)} for an example of shape {x_t.shape}"
+            )
+        eps_hat = convert_at(pred, kind, Eps(), coefficients, x_t)
         return jnp.sum(jnp.square(eps_hat - e))
 
     y = 0.5 * weights * jax.vmap(sq_err)(ts, eps)
@@ -327,13 +375,6 @@ def elbo(
         # E_ε[−log N(x; x_{t1}/α, (σ/α)² I)] = (D/2)(log 2π − λ1 + 1), exactly
         reconstruction = 0.5 * d * (math.log(2.0 * math.pi) - lam1 + 1.0)
     else:
-        lo, hi = (float(v) for v in data_range)
-        levels = int(num_levels)
-        if not hi > lo or levels < 2:
-            raise ValueError(
-                f"elbo: discrete decoder needs data_range=(lo, hi) with hi > lo and num_levels >= 2, got "
-                f"{data_range}, {num_levels}"
-            )
         width = (hi - lo) / levels
         centres = lo + (jnp.arange(levels, dtype=dtype) + 0.5) * width
         idx = (
