@@ -9,17 +9,14 @@ Where: ``--cache-dir`` if given, else ``$DIFFJAX_CACHE_DIR``, else ``$XDG_CACHE_
 ``~/.cache/diffjax/jax``). ``DIFFJAX_CACHE_DIR=off`` (or ``none``/``0``/empty) turns it off.
 
 Runtime checks. JAX does not write executables that contain host callbacks to the persistent cache, and
-``equinox.error_if`` (used by diffjax's value checks: t in [0, 1], solver failures, non-finite samples) is a host
-callback in equinox's default ``EQX_ON_ERROR=raise`` mode — so with it, the train step, the sampler and the
-likelihood solve are never cached. :func:`cacheable_checks` switches those checks to equinox's ``nan`` mode (a
-failed check returns NaN instead of raising, no callback) for the duration of a command, unless the user set
-``EQX_ON_ERROR`` explicitly; the entry points then check their results for NaN and say how to get the full error
-(``EQX_ON_ERROR=raise`` or ``--cache-dir off``).
+``equinox.error_if`` is a host callback. The library keeps them out of the programs the command line compiles:
+the train step draws its times inside [0, 1] and checks nothing at run time, and the runners call the samplers
+and likelihoods with ``throw=False`` and check each solve's ``status`` on the host
+(:func:`diffjax.solve.raise_if_failed`). Nothing here changes any global state of JAX's dependencies.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 __all__ = [
@@ -27,7 +24,6 @@ __all__ = [
     "default_cache_dir",
     "resolve_cache_dir",
     "enable_compilation_cache",
-    "cacheable_checks",
 ]
 
 ENV_VAR = "DIFFJAX_CACHE_DIR"
@@ -69,30 +65,3 @@ def enable_compilation_cache(
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
-
-
-@contextlib.contextmanager
-def cacheable_checks(enabled: bool = True):
-    """Run equinox runtime checks in ``nan`` mode (cacheable: no host callback) inside the ``with`` block.
-
-    Does nothing when ``enabled`` is False or the user set ``EQX_ON_ERROR`` in the environment. Equinox reads
-    its mode from a module global (``equinox._errors.EQX_ON_ERROR``, set from the environment at import); it is
-    restored on exit. Only for entry points: library code never changes it.
-    """
-    if not enabled or "EQX_ON_ERROR" in os.environ:
-        yield False
-        return
-    try:
-        from equinox import _errors  # noqa: PLC0415
-    except ImportError:  # pragma: no cover - equinox moved its internals
-        yield False
-        return
-    if not hasattr(_errors, "EQX_ON_ERROR"):  # pragma: no cover
-        yield False
-        return
-    old = _errors.EQX_ON_ERROR
-    _errors.EQX_ON_ERROR = "nan"
-    try:
-        yield True
-    finally:
-        _errors.EQX_ON_ERROR = old

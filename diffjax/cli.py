@@ -374,15 +374,15 @@ def main(argv: list[str] | None = None) -> int:
     if cache is not None:
         _cache.enable_compilation_cache(cache)
     from .experiment import NoCheckpointError, NonFiniteError  # noqa: PLC0415
+    from .solve import SolveError  # noqa: PLC0415
 
     try:
-        # With the persistent cache on, equinox's runtime checks run in their cacheable "nan" mode (see
-        # diffjax._cache); a failed check then surfaces as NonFiniteError below.
-        with _cache.cacheable_checks(cache is not None):
-            result = _run(args, parser, t_start)
+        # The runners solve with throw=False and check each solve's status on the host, so their compiled
+        # programs hold no host callback and the persistent cache stores them.
+        result = _run(args, parser, t_start)
     except NoCheckpointError as e:
         sub.error(str(e))
-    except NonFiniteError as e:
+    except (NonFiniteError, SolveError) as e:
         print(f"{sub.prog}: error: {e}", file=sys.stderr)
         sys.exit(1)
     except ValueError as e:

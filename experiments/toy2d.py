@@ -92,7 +92,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    with (
-        _cache.cacheable_checks()
-    ):  # cacheable equinox checks (see diffjax._cache); results are NaN-checked
-        main()
+    main()
