@@ -61,16 +61,28 @@ def test_train_step_decreases_flow_matching_loss():
         )
     )
     before = evaluate(state.params)
+    # a constant-β EMA kept on the host alongside (the old behaviour without warm-up): a negative control
+    treedef = jax.tree.structure(state.params)
+    constant_ema = [np.asarray(x, np.float64) for x in jax.tree.leaves(state.params)]
+    beta = config.ema_decay
     for s in range(config.total_steps):
         state, metrics = step(state, batch_fn(s))
+        constant_ema = [
+            beta * e + (1 - beta) * np.asarray(p)
+            for e, p in zip(constant_ema, jax.tree.leaves(state.params), strict=True)
+        ]
     after = evaluate(state.params)
     assert int(state.step) == config.total_steps
     assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
     # training closes most of the gap to the optimum (zero-initialised output: before = E‖x − ε‖²)
     assert optimum < after < before
     assert after - optimum < 0.3 * (before - optimum), (optimum, before, after)
-    # the EMA (β = 0.999 over 150 steps) has barely moved from the start: a negative control of the EMA decay
-    assert evaluate(state.ema_params) - optimum > 0.5 * (before - optimum)
+    # with the warm-up β_n = min(β, (1 + n)/(10 + n)) the EMA after 150 steps is a trained model ...
+    ema_gap = evaluate(state.ema_params) - optimum
+    assert ema_gap < 0.4 * (before - optimum), (optimum, before, ema_gap)
+    # ... while a constant β = 0.999 over 150 steps has barely moved from the start (weight 0.86 on θ_0)
+    constant = jax.tree.unflatten(treedef, [jnp.asarray(e, jnp.float32) for e in constant_ema])
+    assert evaluate(constant) - optimum > 0.5 * (before - optimum)
 
 
 def test_train_step_is_pure_and_compiles_once():
@@ -103,7 +115,8 @@ def test_train_step_is_pure_and_compiles_once():
 
 
 def test_ema_and_schedule_match_numpy():
-    beta = 0.9
+    # β = 0.4: the warm-up (1 + n)/(10 + n) is below β for n = 0..4 and above it from n = 5 (both regimes)
+    beta = 0.4
     config = train.TrainConfig(
         learning_rate=1e-2, warmup_steps=3, total_steps=8, ema_decay=beta, final_lr_fraction=0.1
     )
@@ -112,8 +125,9 @@ def test_ema_and_schedule_match_numpy():
     lrs = []
     for s in range(config.total_steps):
         state, metrics = step(state, data.toy_sample("moons", jax.random.key(s), 32))
+        beta_s = min(beta, (1 + s) / (10 + s))
         ema = [
-            beta * e + (1 - beta) * np.asarray(p)
+            beta_s * e + (1 - beta_s) * np.asarray(p)
             for e, p in zip(ema, jax.tree.leaves(state.params), strict=True)
         ]
         lrs.append(float(metrics["lr"]))
@@ -136,6 +150,93 @@ def test_ema_update_formula():
     out = train.ema_update(e, p, 0.75)
     np.testing.assert_allclose(out["a"], [1.5, 1.0])
     np.testing.assert_allclose(out["b"], 2.25)
+    # with a step: β_2 = min(0.75, 3/12) = 0.25, so θ̄ = 0.25·θ̄ + 0.75·θ
+    out = train.ema_update(e, p, 0.75, step=2)
+    np.testing.assert_allclose(out["a"], [2.5, -1.0])
+    np.testing.assert_allclose(out["b"], 0.75)
+    # past the warm-up (n = 50: 51/60 = 0.85 > 0.75) the decay is β itself
+    np.testing.assert_allclose(train.ema_update(e, p, 0.75, step=50)["a"], [1.5, 1.0])
+
+
+def _init_weight_closed_form(beta, n_updates):
+    """W(N) = Π_{n<N} min(β, (1 + n)/(10 + n)), by the telescoped closed form (independent of the code).
+
+    (1 + n)/(10 + n) < β exactly for n < n* = ⌈(10β − 1)/(1 − β)⌉; up to there the product is 9!·m!/(m + 9)!
+    (m = min(N, n*)), after it every factor is β.
+    """
+    n_star = max(0, math.ceil((10 * beta - 1) / (1 - beta)))
+    m = min(n_updates, n_star)
+    log_w = math.lgamma(10) + math.lgamma(m + 1) - math.lgamma(m + 10)
+    return float(np.exp(log_w + (n_updates - m) * np.log(beta)))
+
+
+@pytest.mark.parametrize("beta", [0.999, 0.9, 0.5])
+def test_ema_init_weight_matches_closed_form(beta):
+    for n in [0, 1, 2, 9, 80, 81, 82, 500, 1500, 9000, 20000]:
+        np.testing.assert_allclose(
+            train.ema_init_weight(beta, n), _init_weight_closed_form(beta, n), rtol=1e-9
+        )
+        np.testing.assert_allclose(train.ema_init_weight(beta, n, warmup=False), beta**n, rtol=1e-9)
+    # the first update keeps 1/10 of θ_0 (β_0 = 1/10), the second 1/10·2/11
+    np.testing.assert_allclose(train.ema_init_weight(beta, 1), min(beta, 0.1))
+    np.testing.assert_allclose(train.ema_init_weight(beta, 2), min(beta, 0.1) * min(beta, 2 / 11))
+
+
+def _zeroing_optimizer():
+    """An 'optimizer' whose first update sets the parameters to 0 (u = −θ), and keeps them there.
+
+    The EMA is linear in the iterates, θ̄_N = W(N)·θ_0 + Σ_{k≥1} w_k·θ_k, so with θ_0 = 1 and θ_k = 0 the EMA after N
+    steps IS the weight W(N) it still puts on the initial parameters.
+    """
+    import optax
+
+    return optax.GradientTransformation(
+        lambda params: optax.EmptyState(),
+        lambda grads, state, params: (jax.tree.map(jnp.negative, params), state),
+    )
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_train_step_ema_weight_on_init(warmup):
+    beta, n_steps = 0.999, 1500  # the README tour's run
+    optimizer = _zeroing_optimizer()
+    step = train.make_train_step(
+        lambda p, t, x: p["w"] * x,
+        None,
+        optimizer,
+        beta,
+        loss_fn=lambda objective, fn, batch, key: jnp.sum(fn(0.5, batch) ** 2),
+        ema_warmup=warmup,
+    )
+    state = train.init_state({"w": jnp.ones(())}, optimizer, jax.random.key(0))
+    batch = jnp.ones((4,))
+    weights = {}
+    for s in range(n_steps):
+        state, _ = step(state, batch)
+        if s + 1 in (1, 2, 10, 100, 1500):
+            weights[s + 1] = float(state.ema_params["w"])
+    assert float(state.params["w"]) == 0.0 and int(state.step) == n_steps
+    for n, got in weights.items():
+        expected = _init_weight_closed_form(beta, n) if warmup else beta**n
+        np.testing.assert_allclose(got, expected, rtol=2e-4)  # float32 product of n factors
+    if warmup:
+        assert weights[1500] < 0.01  # a 1,500-step run's EMA no longer remembers the initialisation
+    else:
+        assert weights[1500] > 0.2  # the bug: 0.999^1500 = 0.22 of the EMA is still θ_0
+
+
+def test_ema_decay_at_under_jit_vmap_grad():
+    steps = jnp.arange(0, 20_000, 997)
+    eager = np.array([float(train.ema_decay_at(0.999, int(s))) for s in steps])
+    expected = np.minimum(0.999, (1.0 + np.asarray(steps)) / (10.0 + np.asarray(steps)))
+    np.testing.assert_allclose(eager, expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        jax.jit(jax.vmap(lambda s: train.ema_decay_at(0.999, s)))(steps), eager, rtol=1e-7
+    )
+    # ∂β_n/∂β is 1 past the warm-up and 0 inside it
+    g = jax.vmap(jax.grad(lambda b, s: train.ema_decay_at(b, s)), in_axes=(None, 0))(0.999, steps)
+    np.testing.assert_array_equal(np.asarray(g), (np.asarray(steps) >= 8990).astype(np.float32))
+    np.testing.assert_allclose(train.ema_decay_at(0.999, 3, warmup=False), 0.999)
 
 
 def test_dataset_batch_fn_is_a_deterministic_partition():
