@@ -5,21 +5,22 @@ Time convention everywhere: **t = 0 is noise, t = 1 is data**; x_t = α_t·x + �
 Submodules: ``paths`` (Gaussian paths), ``targets`` (parameterizations and exact conversions), ``losses``
 (weighted objectives and presets), ``fields`` (model adapters, divergences), ``sampling`` (PF-ODE and reverse
 SDE), ``likelihood`` (exact log-likelihood, bits/dim), ``vlb`` (continuous-time ELBO), ``analytic``
-(Gaussian-mixture oracle), ``nn`` (flax models), ``data``, ``train``, ``checkpoint``.
+(Gaussian-mixture oracle), ``nn`` (flax models), ``data``, ``train``, ``checkpoint``, ``experiment``, ``cli``.
+The last six are imported lazily, on first use (``dj.train.fit`` or ``import diffjax.train``), so that
+``import diffjax`` does not load flax, optax, orbax, scikit-learn or matplotlib.
 """
+
+import importlib
+from typing import TYPE_CHECKING
 
 from . import (
     analytic as analytic,
-    checkpoint as checkpoint,
-    data as data,
     fields as fields,
     likelihood as likelihood,
     losses as losses,
-    nn as nn,
     paths as paths,
     sampling as sampling,
     targets as targets,
-    train as train,
     vlb as vlb,
 )
 from .analytic import GaussianMixture as GaussianMixture
@@ -80,6 +81,33 @@ from .targets import (
 from .vlb import ELBOResult as ELBOResult, elbo as elbo
 
 __version__ = "0.1.0"
+
+# The heavy submodules are imported on first attribute access (PEP 562), so ``import diffjax`` loads neither
+# orbax/tensorstore (checkpoint), flax (nn), optax (train), scikit-learn (data's digits) nor matplotlib
+# (experiment): ``dj.nn.split`` and ``import diffjax.train`` work as before, they just load on first use.
+_LAZY_SUBMODULES = frozenset({"checkpoint", "cli", "data", "experiment", "nn", "train"})
+
+if TYPE_CHECKING:  # static analysers see the submodules as ordinary attributes
+    from . import (
+        checkpoint as checkpoint,
+        cli as cli,
+        data as data,
+        experiment as experiment,
+        nn as nn,
+        train as train,
+    )
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        # import_module also binds the submodule as an attribute of this package: this runs once per name
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | _LAZY_SUBMODULES)
+
 
 __all__ = [
     "AbstractPath",

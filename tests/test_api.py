@@ -11,6 +11,23 @@ def test_all_names_exist():
     assert len(set(diffjax.__all__)) == len(diffjax.__all__)
 
 
+def test_all_names_resolve_by_import():
+    # `from diffjax import name` for every exported name (what `from diffjax import *` does)
+    namespace: dict = {}
+    exec("from diffjax import *", namespace)
+    missing = [name for name in diffjax.__all__ if name not in namespace]
+    assert not missing, missing
+    for name in diffjax.__all__:
+        assert namespace[name] is getattr(diffjax, name)
+
+
+def test_lazy_submodules_are_attributes():
+    for mod in ["nn", "data", "train", "checkpoint", "experiment", "cli"]:
+        assert getattr(diffjax, mod) is importlib.import_module(f"diffjax.{mod}")
+    assert callable(diffjax.nn.split) and callable(diffjax.data.toy_sample)
+    assert callable(diffjax.train.fit)
+
+
 def test_submodules_import_and_declare_all():
     for mod in [
         "paths",
