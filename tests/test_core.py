@@ -268,7 +268,7 @@ def test_diffrax_sde_brownian_increments_have_variance_h_on_a_log_snr_grid():
     tolerance 1/(8n) used before, whose increments had var(ΔW)/h ≈ 0.2–0.3 on the first steps."""
     path = dj.LinearPath()
     zero = lambda t, x: jnp.zeros_like(x)
-    n, m = 200, 400
+    n, m = 200, 200
     ts = np.asarray(dj.time_grid(path, n, "log_snr"))
     h = np.diff(ts)
     short = h < 1.0 / (8 * n)
@@ -291,14 +291,14 @@ def test_diffrax_sde_brownian_increments_have_variance_h_on_a_log_snr_grid():
         return r.trajectory[:, 0]
 
     xs = np.asarray(jax.jit(jax.vmap(traj))(jax.random.split(jax.random.key(0), m)))
-    ratio = (np.diff(xs, axis=1) ** 2).mean(axis=0) / h  # E = 1, sd √(2/m) = 0.07 per step
+    ratio = (np.diff(xs, axis=1) ** 2).mean(axis=0) / h  # E = 1, sd √(2/m) = 0.1 per step
     assert abs(ratio[short].mean() - 1) < 5 * np.sqrt(2 / (m * short.sum())), ratio[short].mean()
-    assert np.all((ratio > 0.6) & (ratio < 1.5)), (ratio.min(), ratio.max())
+    assert np.all((ratio > 0.5) & (ratio < 1.6)), (ratio.min(), ratio.max())
 
     # negative control: the old tree's increments on the same grid fail the same test
     def old(k):
         bm = diffrax.VirtualBrownianTree(ts[0], ts[-1], tol=1.0 / (8 * n), shape=(), key=k)
-        return jnp.stack([bm.evaluate(a, b) for a, b in zip(ts[:-1][:20], ts[1:][:20])])
+        return jax.vmap(bm.evaluate)(jnp.asarray(ts[:20]), jnp.asarray(ts[1:21]))
 
     inc = np.asarray(jax.jit(jax.vmap(old))(jax.random.split(jax.random.key(1), m)))
     assert abs(((inc**2).mean(axis=0) / h[:20]).mean() - 1) > 0.3
