@@ -5,6 +5,7 @@ log-density (score), finite differences in t (continuity equation), the full Jac
 Tweedie's formula, and Monte Carlo moments.
 """
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -181,3 +182,105 @@ def test_bad_input():
         GaussianMixture(W, MU, -VAR)
     with pytest.raises(Exception, match="t must lie in"):
         gm.velocity(dj.LinearPath(), 1.5, jnp.zeros(3))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The oracle as a PyTree inside compiled solvers
+# ---------------------------------------------------------------------------------------------------------
+def _jaxpr_text(f, *args):
+    return str(jax.make_jaxpr(jax.jit(f))(*args))
+
+
+def test_jaxpr_without_host_callbacks():
+    """Inside jit (as in an ODE solve) the oracle compiles in no runtime check: no host callback per step."""
+    gm = mixture()
+    x, t = jnp.array([0.1, -0.4, 2.0]), jnp.asarray(0.3)
+    for name in ("linear", "vp", "logsnr"):
+        path = PATHS[name]()
+        fns = {
+            "velocity": lambda t, x: gm.velocity(path, t, x),
+            "score": lambda t, x: gm.score(path, t, x),
+            "divergence": lambda t, x: gm.divergence(path, t, x),
+            "marginal_log_prob": lambda t, x: gm.marginal_log_prob(path, t, x),
+            "predict": lambda t, x: gm.predict("v", path, t, x),
+            "model": lambda t, x: gm.model("data", path)(t, x),
+        }
+        for what, f in fns.items():
+            assert "callback" not in _jaxpr_text(f, t, x), (name, what)
+    # negative control: the search finds the callback of a runtime check
+    checked = lambda t, x: dj.paths.check_time(t) * x
+    assert "callback" in _jaxpr_text(checked, t, x)
+
+
+def test_model_is_a_pytree_with_the_mixture_as_leaves():
+    gm = mixture()
+    path = dj.VPPath()
+    model = gm.model("velocity", path)
+    leaves = jax.tree_util.tree_leaves(model)
+    assert leaves and all(isinstance(leaf, jax.Array) for leaf in leaves)
+    assert any(leaf is gm.means for leaf in leaves) and any(
+        leaf is path.beta_max for leaf in leaves
+    )
+    t, x = 0.4, jnp.array([0.2, -0.3, 0.7])
+    want = np.asarray(gm.velocity(path, t, x))
+    # a plain jax.jit takes the model as an argument
+    got = jax.jit(lambda m, t, x: m(t, x))(model, jnp.asarray(t), x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # one filter_jit program serves a new mixture of the same shapes (its arrays are arguments, not constants)
+    traces = []
+
+    @eqx.filter_jit
+    def call(m, t, x):
+        traces.append(None)
+        return m(t, x)
+
+    other = GaussianMixture(W[::-1].copy(), MU + 1.0, VAR * 2.0)
+    np.testing.assert_allclose(call(model, t, x), want, rtol=1e-5, atol=1e-6)
+    got2 = call(other.model("velocity", path), t, x)
+    np.testing.assert_allclose(got2, other.velocity(path, t, x), rtol=1e-5, atol=1e-6)
+    assert len(traces) == 1
+    assert not np.allclose(got2, want)
+    # grad reaches the mixture through the model: d/dμ of Σ u equals finite differences
+    g = eqx.filter_grad(lambda m: jnp.sum(m(t, x)))(model).mixture.means
+    h = 1e-3
+    e = np.zeros(MU.shape)
+    e[1, 2] = h
+    plus = GaussianMixture(W, MU + e, VAR).velocity(path, t, x)
+    minus = GaussianMixture(W, MU - e, VAR).velocity(path, t, x)
+    np.testing.assert_allclose(g[1, 2], jnp.sum(plus - minus) / (2 * h), rtol=1e-3, atol=1e-5)
+
+
+class _FlowKind(dj.kinds.AbstractKind):
+    """A user kind with the velocity's linear representation (α̇, σ̇) but not the Velocity class."""
+
+    name = "flow"
+    basis = "flow"
+
+    def coefficients(self, a, s, da, ds):
+        return da, ds
+
+    def error_scale_sq(self, a, s, da, ds):
+        return jnp.square((da * s - ds * a) / a)
+
+
+@pytest.mark.parametrize("name", ["cosine", "ve", "logsnr"])
+def test_predict_takes_kind_objects(name, x64):
+    gm = mixture()
+    path = PATHS[name]()
+    x, t = jnp.array([0.2, -0.3, 0.7]), 0.35
+    kinds = dj.kinds
+    for obj in (kinds.Eps(), kinds.Data(), kinds.V(), kinds.Velocity(), kinds.Score()):
+        np.testing.assert_array_equal(gm.predict(obj, path, t, x), gm.predict(obj.name, path, t, x))
+        np.testing.assert_array_equal(gm.model(obj, path)(t, x), gm.predict(obj.name, path, t, x))
+    # a kind of another class goes through its linear representation c·x̂ + d·ε̂: here the velocity
+    np.testing.assert_allclose(
+        gm.predict(_FlowKind(), path, t, x), gm.velocity(path, t, x), rtol=1e-10, atol=1e-12
+    )
+
+
+def test_concrete_time_checked_under_jit():
+    gm = mixture()
+    with pytest.raises(Exception, match="t must lie in"):
+        jax.jit(lambda x: gm.velocity(dj.LinearPath(), 1.5, x))(jnp.zeros(3))
+    with pytest.raises(Exception, match="t must lie in"):
+        gm.model("eps", dj.LinearPath())(-0.1, jnp.zeros(3))
