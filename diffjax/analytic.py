@@ -272,7 +272,7 @@ def _boundary_time(t):
 
 # =====================================================================================================
 # Closed-form ELBO and model likelihood for Gaussian data N(μ, diag(s²)) (formulas-detailed.md §6.2).
-# Appended section (owner: diffjax/elbo.py); time convention t = 0 noise, t = 1 data.
+# The oracles of tests/test_vlb.py for diffjax.vlb.elbo; time convention t = 0 noise, t = 1 data.
 # =====================================================================================================
 
 
