@@ -20,6 +20,7 @@ import pytest
 from scipy.stats import norm
 
 from diffjax.analytic import GaussianMixture
+from diffjax.fields import velocity_field
 from diffjax.likelihood import bits_per_dim, log_likelihood, log_likelihood_with_stats
 from diffjax.paths import CosinePath, EDMPath, LinearPath, VEPath, VPPath
 
@@ -156,7 +157,9 @@ def test_fixed_grid(gm):
     res = log_likelihood_with_stats(v, path, x, num_steps=64, solver=diffrax.Tsit5())
     assert int(res.num_steps) == 64 and int(res.nfe) == 6 * 64 + 1
     np.testing.assert_allclose(res.log_prob, gm.log_prob(x), atol=1e-4)
-    heun = log_likelihood_with_stats(v, path, x, num_steps=64)  # the fixed-step default, as in sample_ode
+    heun = log_likelihood_with_stats(
+        v, path, x, num_steps=64
+    )  # the fixed-step default, as in sample_ode
     assert int(heun.nfe) == 2 * 64
     np.testing.assert_allclose(heun.log_prob, gm.log_prob(x), atol=1e-2)
 
@@ -390,3 +393,34 @@ def test_bits_per_dim_with_key(gm):
     corners = -1.0 + 2.0 * (k + jnp.array([[0.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 0.0]])) / 256
     nll_bits = -jax.vmap(g.log_prob)(corners) / (2 * math.log(2)) + 7.0
     assert nll_bits.min() - 0.5 < bpd < nll_bits.max() + 0.5
+
+
+@pytest.mark.parametrize(
+    "path", [LinearPath(), CosinePath(), VPPath()], ids=["linear", "cosine", "VP"]
+)
+def test_float32_exact_trace_at_default_tolerances(path):
+    """float32 (the default dtype) with the default rtol = atol = 1e-5 and the exact trace: within 5e-4 nats of
+    the oracle's exact log p_{t1} at every one of 128 mixture points, 5e-5 on average (measured: max 4e-5,
+    7e-5, 1.3e-4 and mean 1e-5 for linear, cosine and VP on 256 points)."""
+    if jnp.result_type(float) != jnp.float32:
+        pytest.skip("x64 is enabled in this process")
+    gm = make_gm()
+    xs = gm.sample(jax.random.key(0), 128).astype(jnp.float32)
+    u = velocity_field(gm.model("velocity", path), "velocity", path)
+    exact_prior = lambda z: gm.marginal_log_prob(path, path.t_min, z)
+    res = jax.jit(
+        jax.vmap(lambda x: log_likelihood_with_stats(u, path, x, prior_log_prob=exact_prior))
+    )(xs)
+    assert res.dtype == "float32" and res.log_prob.dtype == jnp.float32
+    ref = np.asarray(jax.vmap(lambda x: gm.marginal_log_prob(path, path.t_max, x))(xs), np.float64)
+    err = np.abs(np.asarray(res.log_prob, np.float64) - ref)
+    assert err.max() < 5e-4 and err.mean() < 5e-5, (err.max(), err.mean())
+    if isinstance(path, LinearPath):  # negative control: a looser tolerance is visibly worse
+        loose = jax.jit(
+            jax.vmap(
+                lambda x: log_likelihood(
+                    u, path, x, prior_log_prob=exact_prior, rtol=1e-2, atol=1e-2
+                )
+            )
+        )(xs)
+        assert np.abs(np.asarray(loose, np.float64) - ref).mean() > 5e-5
