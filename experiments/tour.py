@@ -1,5 +1,6 @@
 """The README's API tour: train flow matching, sample the PF-ODE, compute an exact likelihood (t=0 noise, t=1 data)."""
 
+import equinox as eqx
 import jax
 from flax import nnx
 
@@ -7,18 +8,16 @@ import diffjax as dj
 
 path = dj.LinearPath()  # x_t = t·x + (1 − t)·ε: t = 0 noise, t = 1 data
 objective = dj.flow_matching(path)  # E‖u_θ(t, x_t) − (x − ε)‖², t ~ U[0, 1]; w(λ) = e^{−λ/2}
-apply, params = dj.nn.split(
-    dj.nn.MLP(2, hidden=128, rngs=nnx.Rngs(0))
-)  # per-example apply(params, t, x)
+apply, params = dj.nn.split(dj.nn.MLP(2, hidden=128, rngs=nnx.Rngs(0)))  # pure apply(params, t, x)
 
 data = dj.data.toy_sample("checkerboard", jax.random.key(0), 50_000)
 config = dj.train.TrainConfig(learning_rate=2e-3, total_steps=1500, batch_size=256)
 batches = dj.train.dataset_batch_fn(data, config.batch_size, jax.random.key(1))
 state, history = dj.train.fit(
     apply, params, objective, batches, config
-)  # add workdir= to checkpoint/resume
+)  # workdir=... to checkpoint/resume
 
-model = lambda t, x: apply(state.ema_params, t, x)
+model = eqx.Partial(apply, state.ema_params)  # a PyTree: the parameters are leaves, not constants
 velocity = dj.velocity_field(
     model, objective.prediction, path
 )  # any kind: eps, data, v, score, velocity
