@@ -220,50 +220,50 @@ def load_digits(split: str = "train", seed: int = 0) -> Int[Array, "N 8 8 1"]:
     return jnp.asarray(k[idx])
 
 
-def dequantization_log_volume(n_levels: int = DIGITS_LEVELS) -> float:
-    """log(2/n_levels): the log-width of one quantization bin in model space [−1, 1], per dimension.
+def dequantization_log_volume(num_levels: int = DIGITS_LEVELS) -> float:
+    """log(2/num_levels): the log-width of one quantization bin in model space [−1, 1], per dimension.
 
     For a density p on model space and a discrete image k with D dimensions, uniform dequantization gives
-    log P(k) ≥ E_u[log p(y)] + D·log(2/n_levels) (Theis et al. 2016; Ho et al. 2019). Bits/dim:
-    bpd = −(E_u[log p(y)] + D·log(2/n_levels)) / (D·ln 2).
+    log P(k) ≥ E_u[log p(y)] + D·log(2/num_levels) (Theis et al. 2016; Ho et al. 2019). Bits/dim:
+    bpd = −(E_u[log p(y)] + D·log(2/num_levels)) / (D·ln 2).
     """
-    return math.log(2.0 / n_levels)
+    return math.log(2.0 / num_levels)
 
 
 def digits_to_model_space(
-    k: Int[Array, "*shape"], key: PRNGKeyArray | None = None, n_levels: int = DIGITS_LEVELS
+    k: Int[Array, "*shape"], key: PRNGKeyArray | None = None, num_levels: int = DIGITS_LEVELS
 ) -> Float[Array, "*shape"]:
-    """Map integer levels k ∈ {0..n_levels−1} to [−1, 1]: y = 2·(k + u)/n_levels − 1.
+    """Map integer levels k ∈ {0..num_levels−1} to [−1, 1]: y = 2·(k + u)/num_levels − 1.
 
-    Level k owns the bin [2k/n_levels − 1, 2(k+1)/n_levels − 1) of width 2/n_levels; the bins tile [−1, 1).
+    Level k owns the bin [2k/num_levels − 1, 2(k+1)/num_levels − 1) of width 2/num_levels; the bins tile [−1, 1).
     With ``key``, u ~ U[0, 1) independently per entry (uniform dequantization: y is uniform in k's bin, and the
-    exact per-dimension log-Jacobian is ``dequantization_log_volume(n_levels)`` = log(2/n_levels)). Without a key,
+    exact per-dimension log-Jacobian is ``dequantization_log_volume(num_levels)`` = log(2/num_levels)). Without a key,
     u = ½ (the bin centre). The inverse is :func:`model_space_to_digits`.
     """
-    if not isinstance(n_levels, int) or n_levels < 2:
-        raise ValueError(f"n_levels must be an integer >= 2, got {n_levels!r}")
+    if not isinstance(num_levels, int) or num_levels < 2:
+        raise ValueError(f"num_levels must be an integer >= 2, got {num_levels!r}")
     k = jnp.asarray(k)
     dt = _dtype()
     if key is None:
         u = jnp.asarray(0.5, dt)
     else:
         u = jax.random.uniform(key, k.shape, dt)
-    return 2.0 * (k.astype(dt) + u) / n_levels - 1.0
+    return 2.0 * (k.astype(dt) + u) / num_levels - 1.0
 
 
 def model_space_to_digits(
-    x: Float[Array, "*shape"], n_levels: int = DIGITS_LEVELS
+    x: Float[Array, "*shape"], num_levels: int = DIGITS_LEVELS
 ) -> Int[Array, "*shape"]:
-    """Map model-space values back to integer levels: the bin containing x, k = clip(⌊(x + 1)·n_levels/2⌋, 0, n−1).
+    """Map model-space values back to integer levels: the bin containing x, k = clip(⌊(x + 1)·num_levels/2⌋, 0, n−1).
 
-    This is the nearest level centre 2(k + ½)/n_levels − 1, and exactly inverts :func:`digits_to_model_space`
+    This is the nearest level centre 2(k + ½)/num_levels − 1, and exactly inverts :func:`digits_to_model_space`
     (with or without dequantization). Values outside [−1, 1] are clipped to the end levels.
     """
-    if not isinstance(n_levels, int) or n_levels < 2:
-        raise ValueError(f"n_levels must be an integer >= 2, got {n_levels!r}")
+    if not isinstance(num_levels, int) or num_levels < 2:
+        raise ValueError(f"num_levels must be an integer >= 2, got {num_levels!r}")
     x = jnp.asarray(x)
-    k = jnp.floor((x + 1.0) * (n_levels / 2.0))
-    return jnp.clip(k, 0, n_levels - 1).astype(jnp.int32)
+    k = jnp.floor((x + 1.0) * (num_levels / 2.0))
+    return jnp.clip(k, 0, num_levels - 1).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------------------------------------

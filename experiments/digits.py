@@ -5,7 +5,7 @@ Time convention: t = 0 is noise, t = 1 is data.
 Data: 1797 images with 17 grey levels (0..16), a fixed 300-image test split (``diffjax.data.load_digits``),
 mapped to model space y = 2(k + u)/17 − 1 with uniform dequantization u (fresh at every training step).
 Bits/dim: bpd = −(log p(y) + D·log(2/17))/(D ln 2) with one dequantization draw per test image; log p(y) by the
-probability-flow ODE with the exact trace (``diffjax.likelihood.bits_per_dim(n_levels=17)``).
+probability-flow ODE with the exact trace (``diffjax.likelihood.bits_per_dim(num_levels=17)``).
 
 Baselines, in the same convention and on the same test images:
 

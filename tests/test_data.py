@@ -181,7 +181,7 @@ def test_load_digits_splits():
 def test_dequantization_bins_and_round_trip():
     n = 17
     k = jax.random.randint(jax.random.key(0), (4000,), 0, n)
-    y = data.digits_to_model_space(k, jax.random.key(1), n_levels=n)
+    y = data.digits_to_model_space(k, jax.random.key(1), num_levels=n)
     kn, yn = np.asarray(k), np.asarray(y)
     lo, hi = 2 * kn / n - 1, 2 * (kn + 1) / n - 1
     assert np.all(yn >= lo - 1e-6) and np.all(yn < hi + 1e-6)
@@ -193,7 +193,7 @@ def test_dequantization_bins_and_round_trip():
     assert abs(u.var() - 1 / 12) < 0.006
     # deterministic and keyed
     np.testing.assert_array_equal(
-        yn, np.asarray(data.digits_to_model_space(k, jax.random.key(1), n_levels=n))
+        yn, np.asarray(data.digits_to_model_space(k, jax.random.key(1), num_levels=n))
     )
     # no key: bin centres, exact values
     c = np.asarray(data.digits_to_model_space(jnp.arange(n)))
@@ -211,8 +211,8 @@ def test_dequantization_bins_and_round_trip():
     yi = jax.jit(data.digits_to_model_space)(img, jax.random.key(2))
     assert yi.shape == img.shape
     np.testing.assert_array_equal(np.asarray(data.model_space_to_digits(yi)), np.asarray(img))
-    with pytest.raises(ValueError, match="n_levels"):
-        data.digits_to_model_space(k, n_levels=1)
+    with pytest.raises(ValueError, match="num_levels"):
+        data.digits_to_model_space(k, num_levels=1)
 
 
 # ------------------------------------------------------------------------------------------------ batching
