@@ -49,8 +49,10 @@ window gets one ``equinox.error_if``); the per-sample code that ``vmap`` runs ho
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -61,10 +63,21 @@ from .kinds import AbstractKind, Eps, as_kind
 from .paths import AbstractPath, Normal
 from .targets import convert_at
 
-__all__ = ["ELBOResult", "elbo", "elbo_bits_per_dim", "SAMPLERS", "DECODERS"]
-
-SAMPLERS = ("importance", "stratified", "antithetic", "uniform")
-DECODERS = ("gaussian", "discrete")
+__all__ = [
+    "ELBOResult",
+    "elbo",
+    "elbo_bits_per_dim",
+    "AbstractTimeEstimator",
+    "LogSNRImportance",
+    "StratifiedTime",
+    "AntitheticTime",
+    "UniformTime",
+    "AbstractDecoder",
+    "GaussianDecoder",
+    "DiscreteDecoder",
+    "SAMPLERS",
+    "DECODERS",
+]
 
 Scalar = Float[ArrayLike, ""]
 
@@ -232,6 +245,208 @@ def _pair_se(y: Float[Array, " n"]) -> Float[Array, ""]:
     return jnp.sqrt(jnp.sum(d * d)) / n
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Monte Carlo estimators of the diffusion term ½∫ E‖ε̂ − ε‖² dλ over the window (t0 noise end, t1 data end)
+# ---------------------------------------------------------------------------------------------------------------
+class AbstractTimeEstimator(eqx.Module):
+    """How the diffusion term's n samples (t_i, ε_i, weight_i) are drawn, and the variance of their mean.
+
+    Defaults: one uniform per stratum u_i = (i + U_i)/n, t = t0 + u(t1 − t0) with weight (t1 − t0)·λ̇_t,
+    iid ε, and the collapsed-strata variance (pairs of strata; needs an even n).
+    """
+
+    even: ClassVar[bool] = True
+
+    def uniforms(self, key, n, dtype):
+        return (jnp.arange(n, dtype=dtype) + jax.random.uniform(key, (n,), dtype)) / n
+
+    def times(self, path, u, window):
+        t0, t1, _, _ = window
+        ts = t0 + u * (t1 - t0)
+        return ts, (t1 - t0) * jax.vmap(path.d_log_snr)(ts)
+
+    def noises(self, key, n, shape, dtype):
+        return jax.random.normal(key, (n, *shape), dtype)
+
+    def variance(self, y):
+        return jnp.square(_pair_se(y))
+
+
+class LogSNRImportance(AbstractTimeEstimator):
+    """λ stratified-uniform on [λ(t0), λ(t1)], t = ``path.t_from_log_snr(λ)``, weight λ(t1) − λ(t0): no λ̇ and a
+    bounded weight (the default; lowest variance in ``tests/test_vlb.py``)."""
+
+    def times(self, path, u, window):
+        t0, t1, lam0, lam1 = window
+        ts = jnp.clip(jax.vmap(path.t_from_log_snr)(lam0 + u * (lam1 - lam0)), t0, t1)
+        return ts, jnp.broadcast_to(lam1 - lam0, u.shape)
+
+
+class StratifiedTime(AbstractTimeEstimator):
+    """t stratified over [t0, t1], weight (t1 − t0)·λ̇_t."""
+
+
+class AntitheticTime(AbstractTimeEstimator):
+    """Antithetic pairs (u, ε) and (1 − u, −ε) of uniform times; the variance is that of the pair means."""
+
+    def uniforms(self, key, n, dtype):
+        v = jax.random.uniform(key, (n // 2,), dtype)
+        return jnp.stack([v, 1.0 - v], axis=1).reshape(n)
+
+    def noises(self, key, n, shape, dtype):
+        e = jax.random.normal(key, (n // 2, *shape), dtype)
+        return jnp.stack([e, -e], axis=1).reshape((n, *shape))
+
+    def variance(self, y):
+        pm = 0.5 * (y[0::2] + y[1::2])
+        return jnp.var(pm, ddof=1) / pm.shape[0]
+
+
+class UniformTime(AbstractTimeEstimator):
+    """iid t ~ U(t0, t1), weight (t1 − t0)·λ̇_t (the plain VDM estimator)."""
+
+    even: ClassVar[bool] = False
+
+    def uniforms(self, key, n, dtype):
+        return jax.random.uniform(key, (n,), dtype)
+
+    def variance(self, y):
+        return jnp.var(y, ddof=1) / y.shape[0]
+
+
+_SAMPLERS = {
+    "importance": LogSNRImportance,
+    "stratified": StratifiedTime,
+    "antithetic": AntitheticTime,
+    "uniform": UniformTime,
+}
+SAMPLERS = tuple(_SAMPLERS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decoders: the reconstruction term E_q[−log p(x | x_{t1})] at the data end
+# ---------------------------------------------------------------------------------------------------------------
+class AbstractDecoder(eqx.Module):
+    """``reconstruction(path, x, t1, lam1, key, n)`` → (E[−log p(x | x_{t1})], variance of the estimate)."""
+
+    @abc.abstractmethod
+    def reconstruction(self, path, x, t1, lam1, key, n): ...
+
+
+class GaussianDecoder(AbstractDecoder):
+    """p(x | x_{t1}) = N(x; x_{t1}/α, (σ/α)² I); its expectation over ε is (D/2)(log 2π − λ(t1) + 1) exactly."""
+
+    def reconstruction(self, path, x, t1, lam1, key, n):
+        value = 0.5 * x.size * (math.log(2.0 * math.pi) - lam1 + 1.0)
+        return jnp.asarray(value, x.dtype), jnp.zeros((), x.dtype)
+
+
+class DiscreteDecoder(AbstractDecoder):
+    """VDM's discrete decoder: per coordinate a softmax over the ``num_levels`` bin centres
+    lo + (k + ½)(hi − lo)/L of ``data_range`` = (lo, hi), logits −½((x_{t1}/α − x_k)·α/σ)², averaged over
+    n draws of ε."""
+
+    num_levels: int = eqx.field(static=True)
+    data_range: tuple[float, float] = eqx.field(static=True)
+
+    def __check_init__(self):
+        lo, hi = self.data_range
+        if not hi > lo or self.num_levels < 2:
+            raise ValueError(
+                "elbo: discrete decoder needs data_range=(lo, hi) with hi > lo and num_levels >= 2, got "
+                f"{self.data_range}, {self.num_levels}"
+            )
+
+    def reconstruction(self, path, x, t1, lam1, key, n):
+        lo, hi = self.data_range
+        levels = self.num_levels
+        width = (hi - lo) / levels
+        centres = lo + (jnp.arange(levels, dtype=x.dtype) + 0.5) * width
+        idx = (
+            jnp.clip(jnp.round((x - lo) / width - 0.5), 0, levels - 1).astype(jnp.int32).reshape(-1)
+        )
+        a1, s1 = path.alpha(t1), path.sigma(t1)
+
+        def nll(k):
+            e = jax.random.normal(k, x.shape, x.dtype)
+            z = (a1 * x + s1 * e).reshape(-1) / a1
+            logp = jax.nn.log_softmax(
+                -0.5 * jnp.square((z[:, None] - centres[None, :]) * (a1 / s1)), axis=-1
+            )
+            return -jnp.sum(jnp.take_along_axis(logp, idx[:, None], axis=-1))
+
+        rec = jax.lax.map(nll, jax.random.split(key, n))
+        return jnp.mean(rec), jnp.var(rec, ddof=1) / n
+
+
+DECODERS = ("gaussian", "discrete")
+
+
+def _as_estimator(sampler):
+    if isinstance(sampler, AbstractTimeEstimator):
+        return sampler
+    if sampler not in _SAMPLERS:
+        raise ValueError(
+            f"elbo: unknown sampler={sampler!r}; expected one of {SAMPLERS} or an estimator"
+        )
+    return _SAMPLERS[sampler]()
+
+
+def _as_decoder(decoder, num_levels, data_range):
+    if isinstance(decoder, AbstractDecoder):
+        return decoder
+    if decoder == "gaussian":
+        return GaussianDecoder()
+    if decoder == "discrete":
+        return DiscreteDecoder(int(num_levels), tuple(float(v) for v in data_range))
+    raise ValueError(f"elbo: unknown decoder={decoder!r}; expected one of {DECODERS} or a decoder")
+
+
+def _check_elbo_args(fn, path, prior, num_samples, estimator):
+    if not callable(fn):
+        raise ValueError(f"elbo: fn must be a callable model fn(t, x_t), got {type(fn).__name__}")
+    if not isinstance(path, AbstractPath):
+        raise ValueError(f"elbo: path must be a diffjax path, got {type(path).__name__}")
+    if num_samples < 2 or (estimator.even and num_samples % 2):
+        raise ValueError(
+            f"elbo: num_samples must be >= 2 (and even for {type(estimator).__name__}, which pairs samples for "
+            f"its standard error), got {num_samples}"
+        )
+    if not isinstance(prior, Normal):
+        raise ValueError(
+            f"elbo: prior must be a diffjax.paths.Normal (closed-form KL), got {type(prior).__name__}"
+        )
+
+
+def _prior_kl(path, prior, t0, x):
+    """KL(N(α_{t0} x, σ_{t0}² I) ‖ N(0, τ² I)) at the noise end, in closed form."""
+    a0, s0 = path.alpha(t0), path.sigma(t0)
+    tau2 = jnp.square(prior.scale)
+    r = jnp.square(s0) / tau2
+    return 0.5 * (x.size * (r - 1.0 - jnp.log(r)) + jnp.square(a0) * jnp.sum(jnp.square(x)) / tau2)
+
+
+def _diffusion_term(fn, kind, path, x, keys, n, estimator, window):
+    """(½·mean of weight·‖ε̂ − ε‖² over n samples, the variance of that mean); keys = (times, noises)."""
+    k_u, k_eps = keys
+    ts, weights = estimator.times(path, estimator.uniforms(k_u, n, x.dtype), window)
+    eps = estimator.noises(k_eps, n, x.shape, x.dtype)
+
+    def sq_err(t, e):  # per sample, unchecked: t lies in the validated window by construction
+        coefficients = path.coefficients(t)
+        a, s, _, _ = coefficients
+        x_t = a * x + s * e
+        pred = fn(t, x_t)
+        if jnp.shape(pred) != x_t.shape:
+            raise ValueError(
+                f"elbo: the model returned shape {jnp.shape(pred)} for an example of shape {x_t.shape}"
+            )
+        return jnp.sum(jnp.square(convert_at(pred, kind, Eps(), coefficients, x_t) - e))
+
+    y = 0.5 * weights * jax.vmap(sq_err)(ts, eps)
+    return jnp.mean(y), estimator.variance(y)
+
+
 def elbo(
     fn: Callable,
     kind: str | AbstractKind,
@@ -243,9 +458,9 @@ def elbo(
     t0: Scalar | None = None,
     t1: Scalar | None = None,
     log_snr_range: tuple[Scalar, Scalar] | None = None,
-    sampler: str = "importance",
+    sampler: str | AbstractTimeEstimator = "importance",
     prior: Normal | None = None,
-    decoder: str = "gaussian",
+    decoder: str | AbstractDecoder = "gaussian",
     num_levels: int = 256,
     data_range: tuple[float, float] = (-1.0, 1.0),
 ) -> ELBOResult:
@@ -269,138 +484,36 @@ def elbo(
         t0, t1: integration window (default ``path.t_min``, ``path.t_max``). Must have finite log-SNR.
         log_snr_range: alternatively (λ_min, λ_max), mapped by ``path.t_from_log_snr``; needed for paths whose
             log-SNR is infinite at t = 0 or t = 1 (LinearPath, CosinePath).
-        sampler: "importance" (λ-uniform, stratified; default), "stratified", "antithetic" or "uniform"
-            (see the module docstring).
+        sampler: "importance" (:class:`LogSNRImportance`, default), "stratified" (:class:`StratifiedTime`),
+            "antithetic" (:class:`AntitheticTime`), "uniform" (:class:`UniformTime`), or an estimator object.
         prior: the noise-end distribution p_0 (a :class:`diffjax.paths.Normal`); default ``path.prior``.
-        decoder: "gaussian" (continuous data, p(x | x_{t1}) = N(x_{t1}/α, (σ/α)² I)) or "discrete"
-            (VDM: per coordinate a softmax over the ``num_levels`` bin centres
-            lo + (k + ½)(hi − lo)/L of ``data_range`` = (lo, hi) with logits −½((x_{t1}/α − x_k)·α/σ)²).
+        decoder: "gaussian" (:class:`GaussianDecoder`) or "discrete" (:class:`DiscreteDecoder` with
+            ``num_levels`` and ``data_range``), or a decoder object.
 
     Returns:
         :class:`ELBOResult` with elbo, prior_kl, reconstruction (= E[−log p(x|x_{t1})]), diffusion, stderr.
     """
-    # --- every check, once -------------------------------------------------------------------------------
     kind = as_kind(kind, "kind")
-    if not callable(fn):
-        raise ValueError(f"elbo: fn must be a callable model fn(t, x_t), got {type(fn).__name__}")
-    if not isinstance(path, AbstractPath):
-        raise ValueError(f"elbo: path must be a diffjax path, got {type(path).__name__}")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"elbo: unknown sampler={sampler!r}; expected one of {SAMPLERS}")
-    if decoder not in DECODERS:
-        raise ValueError(f"elbo: unknown decoder={decoder!r}; expected one of {DECODERS}")
-    num_samples = int(num_samples)
-    if num_samples < 2 or (sampler != "uniform" and num_samples % 2):
-        raise ValueError(
-            f"elbo: num_samples must be >= 2 (and even for sampler={sampler!r}, which pairs samples for "
-            f"its standard error), got {num_samples}"
-        )
+    estimator = _as_estimator(sampler)
+    dec = _as_decoder(decoder, num_levels, data_range)
     prior = path.prior if prior is None else prior
-    if not isinstance(prior, Normal):
-        raise ValueError(
-            f"elbo: prior must be a diffjax.paths.Normal (closed-form KL), got {type(prior).__name__}"
-        )
-    if decoder == "discrete":
-        lo, hi = (float(v) for v in data_range)
-        levels = int(num_levels)
-        if not hi > lo or levels < 2:
-            raise ValueError(
-                f"elbo: discrete decoder needs data_range=(lo, hi) with hi > lo and num_levels >= 2, got "
-                f"{data_range}, {num_levels}"
-            )
+    _check_elbo_args(fn, path, prior, int(num_samples), estimator)
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(jnp.result_type(float))
-    dtype = x.dtype
-    d = x.size
-    t0, t1, lam0, lam1 = _resolve_window(path, t0, t1, log_snr_range)
-
-    # --- prior term: KL(N(α0 x, σ0² I) ‖ N(0, τ² I)) at the noise end ---------------------------------------
-    a0, s0 = path.alpha(t0), path.sigma(t0)
-    tau2 = jnp.square(prior.scale)
-    r = jnp.square(s0) / tau2
-    prior_kl = 0.5 * (d * (r - 1.0 - jnp.log(r)) + jnp.square(a0) * jnp.sum(jnp.square(x)) / tau2)
-
-    # --- diffusion term: ½ ∫ E‖ε̂ − ε‖² dλ -----------------------------------------------------------------
+    window = _resolve_window(path, t0, t1, log_snr_range)
     k_u, k_eps, k_rec = jax.random.split(key, 3)
-    n = num_samples
-    if sampler == "uniform":
-        u = jax.random.uniform(k_u, (n,), dtype)
-    elif sampler == "antithetic":
-        v = jax.random.uniform(k_u, (n // 2,), dtype)
-        u = jnp.stack([v, 1.0 - v], axis=1).reshape(n)
-    else:  # stratified, importance: one sample per stratum
-        u = (jnp.arange(n, dtype=dtype) + jax.random.uniform(k_u, (n,), dtype)) / n
-
-    if sampler == "importance":
-        lam = lam0 + u * (lam1 - lam0)
-        ts = jax.vmap(path.t_from_log_snr)(lam)
-        # keep t inside the window against rounding of the inverse
-        ts = jnp.clip(ts, t0, t1)
-        weights = jnp.broadcast_to(lam1 - lam0, (n,))
-    else:
-        ts = t0 + u * (t1 - t0)
-        weights = (t1 - t0) * jax.vmap(path.d_log_snr)(ts)
-
-    if sampler == "antithetic":  # pairs (u, ε) and (1 − u, −ε)
-        e = jax.random.normal(k_eps, (n // 2,) + x.shape, dtype)
-        eps = jnp.stack([e, -e], axis=1).reshape((n,) + x.shape)
-    else:
-        eps = jax.random.normal(k_eps, (n,) + x.shape, dtype)
-
-    def sq_err(t, e):  # per sample, unchecked: t lies in the validated window by construction
-        coefficients = path.coefficients(t)
-        a, s, _, _ = coefficients
-        x_t = a * x + s * e
-        pred = fn(t, x_t)
-        if jnp.shape(pred) != x_t.shape:
-            raise ValueError(
-                f"elbo: the model returned shape {jnp.shape(pred)} for an example of shape {x_t.shape}"
-            )
-        eps_hat = convert_at(pred, kind, Eps(), coefficients, x_t)
-        return jnp.sum(jnp.square(eps_hat - e))
-
-    y = 0.5 * weights * jax.vmap(sq_err)(ts, eps)
-    diffusion = jnp.mean(y)
-    if sampler == "uniform":
-        var = jnp.var(y, ddof=1) / n
-    elif sampler == "antithetic":
-        pm = 0.5 * (y[0::2] + y[1::2])
-        var = jnp.var(pm, ddof=1) / (n // 2)
-    else:
-        var = jnp.square(_pair_se(y))
-
-    # --- reconstruction term at the data end ------------------------------------------------------------
-    if decoder == "gaussian":
-        # E_ε[−log N(x; x_{t1}/α, (σ/α)² I)] = (D/2)(log 2π − λ1 + 1), exactly
-        reconstruction = 0.5 * d * (math.log(2.0 * math.pi) - lam1 + 1.0)
-    else:
-        width = (hi - lo) / levels
-        centres = lo + (jnp.arange(levels, dtype=dtype) + 0.5) * width
-        idx = (
-            jnp.clip(jnp.round((x - lo) / width - 0.5), 0, levels - 1).astype(jnp.int32).reshape(-1)
-        )
-        a1, s1 = path.alpha(t1), path.sigma(t1)
-
-        def nll(k):
-            e = jax.random.normal(k, x.shape, dtype)
-            z = (a1 * x + s1 * e).reshape(-1) / a1
-            logits = -0.5 * jnp.square((z[:, None] - centres[None, :]) * (a1 / s1))
-            logp = jax.nn.log_softmax(logits, axis=-1)
-            return -jnp.sum(jnp.take_along_axis(logp, idx[:, None], axis=-1))
-
-        rec = jax.lax.map(nll, jax.random.split(k_rec, n))
-        reconstruction = jnp.mean(rec)
-        var = var + jnp.var(rec, ddof=1) / n
-
-    total = -(prior_kl + reconstruction + diffusion)
+    n = int(num_samples)
+    prior_kl = _prior_kl(path, prior, window[0], x)
+    diffusion, var = _diffusion_term(fn, kind, path, x, (k_u, k_eps), n, estimator, window)
+    reconstruction, var_rec = dec.reconstruction(path, x, window[1], window[3], k_rec, n)
     return ELBOResult(
-        elbo=total,
+        elbo=-(prior_kl + reconstruction + diffusion),
         prior_kl=prior_kl,
-        reconstruction=jnp.asarray(reconstruction, dtype),
+        reconstruction=jnp.asarray(reconstruction, x.dtype),
         diffusion=diffusion,
-        stderr=jnp.sqrt(var),
-        log_snr_min=lam0,
-        log_snr_max=lam1,
-        num_dims=d,
+        stderr=jnp.sqrt(var + var_rec),
+        log_snr_min=window[2],
+        log_snr_max=window[3],
+        num_dims=x.size,
     )
