@@ -14,24 +14,28 @@ Every path provides, for a scalar ``t`` in [0, 1]:
 * ``log_snr(t)`` λ_t = log(α_t²/σ_t²) (increasing in t), ``d_log_snr(t)`` and the exact inverse
   ``t_from_log_snr(lam)``;
 * ``prior``: the distribution of x_0 (the noise end) used by samplers and likelihoods;
-* ``t_eps``: the documented distance from an endpoint below which the path's derivatives are singular
-  (0 for paths that are regular on all of [0, 1]). Samplers and likelihoods integrate over
-  ``[t_min, t_max]`` = ``[0, 1 − t_eps]`` by default.
+* ``t_eps``: a property of the path, its distance from an end inside which its coefficients are singular
+  (0 for paths that are regular on all of [0, 1]); ``[t_min, t_max]`` is what remains, ``[0, 1 − t_eps]`` for
+  paths singular only at the data end. Samplers and likelihoods integrate over it by default.
 
-Values of t outside [0, 1] raise a runtime error (``equinox.error_if``), also under ``jit``.
+Checks at the boundary, pure core. The path methods are pure functions of t: under ``jit``/``vmap``/``grad`` they
+add no runtime check (no host callback), so they can sit inside solvers and training steps. With a concrete
+(non-traced) t they still refuse, at Python level, a non-scalar t and one outside [0, 1] (``ValueError``).
+Public entry points that take a user's time (``targets``, ``sampling``, ``likelihood``, ``losses.loss_at``)
+validate it once with :func:`check_time`, which also checks traced times (one ``equinox.branched_error_if``).
 """
 
 from __future__ import annotations
 
 import abc
-import contextlib
 import math
-import threading
 from collections.abc import Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optimistix as optx
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 __all__ = [
@@ -44,62 +48,112 @@ __all__ = [
     "LogSNRPath",
     "Normal",
     "check_time",
-    "trusted_time",
 ]
 
 Scalar = Float[ArrayLike, ""]
 
+_NAN_MESSAGE = (
+    "diffjax: {name} is NaN. Inside a solver this usually means the field returned NaN/inf and the step "
+    "size became NaN: a data-prediction converted to a velocity divides by sigma (singular at t = 1 "
+    "on the linear and cosine paths), an eps/score-prediction by alpha (singular at t = 0); integrate "
+    "over diffjax.integration_interval(path, kind)"
+)
 
-_TRUST = threading.local()
+
+def _range_message(name: str, lo: float, hi: float) -> str:
+    return f"diffjax: {name} must lie in [{lo:g}, {hi:g}] (t = 0 noise, t = 1 data)"
 
 
-@contextlib.contextmanager
-def trusted_time():
-    """Trace-time scope in which :func:`check_time` adds no runtime check.
+def _is_traced(t) -> bool:
+    return isinstance(t, jax.core.Tracer)
 
-    For library code whose times lie in [0, 1] by construction (e.g. ``losses.loss`` draws t from a sampler
-    and clips it): the runtime check is an ``equinox.error_if`` host callback that costs ~15% of a small
-    training step on CPU and keeps XLA's persistent compilation cache from storing the program. Shape checks
-    still run. The scope only affects code traced inside it, on this thread.
+
+def _as_time(t: Scalar, lo: float = 0.0, hi: float = 1.0, name: str = "t") -> Float[Array, ""]:
+    """``t`` as a float scalar array; a concrete (non-traced) t outside ``[lo, hi]`` raises ``ValueError``.
+
+    Pure: a traced t is returned unchecked (no runtime check, no host callback).
     """
-    depth = getattr(_TRUST, "depth", 0)
-    _TRUST.depth = depth + 1
-    try:
-        yield
-    finally:
-        _TRUST.depth = depth
-
-
-def check_time(t: Scalar, lo: float = 0.0, hi: float = 1.0) -> Float[Array, ""]:
-    """Return ``t`` as a float array, raising (also under ``jit``) if it lies outside ``[lo, hi]``.
-
-    diffjax's time runs from t = 0 (noise) to t = 1 (data). Inside :func:`trusted_time` the value check is
-    skipped (times produced by the library itself).
-    """
+    if not _is_traced(t):
+        v = np.asarray(t)
+        if v.shape != ():
+            raise ValueError(
+                f"{name} must be a scalar (per-example functions take one time; use jax.vmap for "
+                f"batches), got shape {v.shape}"
+            )
+        v = float(v)
+        if math.isnan(v):
+            raise ValueError(_NAN_MESSAGE.format(name=name))
+        if not lo <= v <= hi:
+            raise ValueError(f"{_range_message(name, lo, hi)}, got {name} = {v!r}")
     t = jnp.asarray(t)
     if not jnp.issubdtype(t.dtype, jnp.floating):
         t = t.astype(jnp.result_type(float))
     if t.shape != ():
         raise ValueError(
-            f"t must be a scalar (per-example functions take one time; use jax.vmap for batches), "
+            f"{name} must be a scalar (per-example functions take one time; use jax.vmap for batches), "
             f"got shape {t.shape}"
         )
-    if getattr(_TRUST, "depth", 0):
+    return t
+
+
+def check_time(t: Scalar, lo: float = 0.0, hi: float = 1.0, name: str = "t") -> Float[Array, ""]:
+    """Validate a user's time at a public entry point and return it as a float scalar array.
+
+    diffjax's time runs from t = 0 (noise) to t = 1 (data). A non-scalar ``t`` raises ``ValueError``. A concrete
+    ``t`` outside ``[lo, hi]`` (or NaN, with its own message) raises ``ValueError`` at once; a traced ``t``
+    (under ``jit``/``vmap``/``grad``) gets one ``equinox.branched_error_if``, which raises when the program
+    runs. Call it once per entry point; the path methods themselves stay pure (see the module docstring).
+    """
+    traced = _is_traced(t)
+    t = _as_time(t, lo, hi, name)
+    if not traced:
         return t
-    is_nan = jnp.isnan(t)
     bad = jnp.logical_not((t >= lo) & (t <= hi))  # NaN is bad too
     return eqx.branched_error_if(
         t,
         bad,
-        jnp.where(is_nan, 0, 1),
-        (
-            "diffjax: t is NaN. Inside a solver this usually means the field returned NaN/inf and the step "
-            "size became NaN: a data-prediction converted to a velocity divides by sigma (singular at t = 1 "
-            "on the linear and cosine paths), an eps/score-prediction by alpha (singular at t = 0); integrate "
-            "over diffjax.integration_interval(path, kind)",
-            f"diffjax: t must lie in [{lo}, {hi}] (t=0 is noise, t=1 is data)",
-        ),
+        jnp.where(jnp.isnan(t), 0, 1),
+        (_NAN_MESSAGE.format(name=name), _range_message(name, lo, hi)),
     )
+
+
+def _bisection_steps(dtype) -> int:
+    # The bracket halves each step: 64 halvings of [0, 1] reach the float32 spacing at t for t >= 1e-12,
+    # 128 the float64 spacing for t >= 1e-22.
+    return 64 if jnp.finfo(dtype).bits <= 32 else 128
+
+
+@eqx.filter_jit
+def _monotone_inverse(fn: Callable, y: Scalar, lo: float, hi: float) -> Float[Array, ""]:
+    """The t in [lo, hi] with fn(t) = y, for a scalar fn increasing on [lo, hi].
+
+    ``y`` below fn(lo) gives lo, above fn(hi) gives hi (the clipped inverse). The root is found by bisection
+    (``optimistix.Bisection``, run until the bracket is at the float spacing of t) and differentiated by the
+    implicit function theorem (``optimistix.ImplicitAdjoint``): dt/dy = 1/fn'(t) and, for parameters θ that
+    ``fn`` carries (a bound method of a Module, an ``eqx.Partial``), dt/dθ = −(∂fn/∂θ)/fn'(t). At a clipped end
+    the gradient is 0. Works under jit, vmap and grad; no runtime check (``throw=False``).
+    """
+    y = jnp.asarray(y)
+    if not jnp.issubdtype(y.dtype, jnp.floating):
+        y = y.astype(jnp.result_type(float))
+    lo_a, hi_a = jnp.asarray(lo, y.dtype), jnp.asarray(hi, y.dtype)
+    mid = 0.5 * (lo_a + hi_a)
+    below, above = y <= fn(lo_a), y >= fn(hi_a)
+    inside = jnp.logical_not(below | above)
+    # outside the range (and for NaN) solve a harmless problem instead, so that no NaN reaches the gradient
+    y_safe = jnp.where(inside & jnp.logical_not(jnp.isnan(y)), y, jax.lax.stop_gradient(fn(mid)))
+    sol = optx.root_find(
+        lambda t, target: fn(t) - target,
+        optx.Bisection(rtol=0.0, atol=0.0, flip=False),
+        mid,
+        args=y_safe,
+        options=dict(lower=lo_a, upper=hi_a),
+        max_steps=_bisection_steps(y.dtype),
+        adjoint=optx.ImplicitAdjoint(),
+        throw=False,  # with zero tolerances the solve always "runs out of steps": that is the stopping rule
+    )
+    t = jnp.where(below, lo_a, jnp.where(above, hi_a, sol.value))
+    return jnp.where(jnp.isnan(y), jnp.nan, t)
 
 
 class Normal(eqx.Module):
@@ -128,7 +182,8 @@ class AbstractPath(eqx.Module):
 
     Subclasses implement ``alpha``, ``sigma``, ``d_alpha``, ``d_sigma``, ``t_from_log_snr`` and ``prior``.
     The remaining methods have generic forms that subclasses override where a closed form is more accurate.
-    Public methods check that t lies in [0, 1].
+    Public methods are pure functions of t: a concrete t must be a scalar in [0, 1] (``ValueError``), a traced
+    one is not checked (entry points validate user times with :func:`check_time`).
     """
 
     @abc.abstractmethod
@@ -154,7 +209,10 @@ class AbstractPath(eqx.Module):
 
     @property
     def t_eps(self) -> float:
-        """Distance from t = 1 below which this path's derivatives are singular (0: regular on [0, 1])."""
+        """The path's distance from an end inside which its coefficients are singular (0: regular on [0, 1]).
+
+        A property of the path (e.g. VP's σ̇ = −∞ at t = 1); [t_min, t_max] is the rest of [0, 1].
+        """
         return 0.0
 
     @property
@@ -167,51 +225,53 @@ class AbstractPath(eqx.Module):
         """Default end of integration (data end): 1 − t_eps."""
         return 1.0 - self.t_eps
 
-    # Public API: checked time.
+    # Public API: pure in t (a concrete t is checked at Python level; traced times are not checked).
     def alpha(self, t: Scalar) -> Float[Array, ""]:
         """α_t, the data coefficient (t = 0 noise, t = 1 data)."""
-        return self._alpha(check_time(t))
+        return self._alpha(_as_time(t))
 
     def sigma(self, t: Scalar) -> Float[Array, ""]:
         """σ_t, the noise coefficient (t = 0 noise, t = 1 data)."""
-        return self._sigma(check_time(t))
+        return self._sigma(_as_time(t))
 
     def d_alpha(self, t: Scalar) -> Float[Array, ""]:
         """dα/dt."""
-        return self._d_alpha(check_time(t))
+        return self._d_alpha(_as_time(t))
 
     def d_sigma(self, t: Scalar) -> Float[Array, ""]:
         """dσ/dt."""
-        return self._d_sigma(check_time(t))
+        return self._d_sigma(_as_time(t))
 
     def sigma_sq(self, t: Scalar) -> Float[Array, ""]:
         """σ_t²."""
-        return jnp.square(self._sigma(check_time(t)))
+        return jnp.square(self._sigma(_as_time(t)))
 
     def d_sigma_sq(self, t: Scalar) -> Float[Array, ""]:
         """d(σ²)/dt = 2σσ̇, written so that it stays finite where σ̇ is not (VP paths at t = 1)."""
-        return self._d_sigma_sq(check_time(t))
+        return self._d_sigma_sq(_as_time(t))
 
     def _d_sigma_sq(self, t):
         return 2.0 * self._sigma(t) * self._d_sigma(t)
 
     def log_snr(self, t: Scalar) -> Float[Array, ""]:
         """λ_t = log(α_t²/σ_t²), increasing in t (−∞ at pure noise, +∞ at clean data where σ = 0)."""
-        return self._log_snr(check_time(t))
+        return self._log_snr(_as_time(t))
 
     def _log_snr(self, t):
         return 2.0 * (jnp.log(self._alpha(t)) - jnp.log(self._sigma(t)))
 
     def d_log_snr(self, t: Scalar) -> Float[Array, ""]:
         """dλ/dt = 2(α̇/α − σ̇/σ) > 0."""
-        return self._d_log_snr(check_time(t))
+        return self._d_log_snr(_as_time(t))
 
     def _d_log_snr(self, t):
         return 2.0 * (self._d_alpha(t) / self._alpha(t) - self._d_sigma(t) / self._sigma(t))
 
     def coefficients(self, t: Scalar):
-        """(α, σ, α̇, σ̇) at one checked time."""
-        t = check_time(t)
+        """(α, σ, α̇, σ̇) at one time (t = 0 noise, t = 1 data)."""
+        return self._coefficients(_as_time(t))
+
+    def _coefficients(self, t):
         return self._alpha(t), self._sigma(t), self._d_alpha(t), self._d_sigma(t)
 
     def log_snr_range(self) -> tuple[Float[Array, ""], Float[Array, ""]]:
@@ -328,7 +388,7 @@ class VPPath(AbstractPath):
 
     def beta(self, t: Scalar) -> Float[Array, ""]:
         """β at papers' time s = 1 − t; also the reverse-SDE diffusion g² = σ²λ̇ of score_sde."""
-        return self.beta_min + (1.0 - check_time(t)) * (self.beta_max - self.beta_min)
+        return self.beta_min + (1.0 - _as_time(t)) * (self.beta_max - self.beta_min)
 
     def _alpha(self, t):
         return jnp.exp(-0.5 * self._gamma(t))
@@ -477,13 +537,30 @@ class EDMPath(AbstractPath):
         return Normal(self.sigma_max)
 
 
+def _nudge(dtype) -> float:
+    """δ = √(machine ε) of ``dtype`` (1.5e-8 in float64, 3.5e-4 in float32): how far :class:`LogSNRPath` moves
+    t inward at an end where λ is infinite (see there)."""
+    return float(np.sqrt(np.finfo(dtype).eps))
+
+
 class LogSNRPath(AbstractPath):
     """A variance-preserving path from any increasing log-SNR function λ(t) (t = 0 noise, t = 1 data).
 
     α_t = √sigmoid(λ_t), σ_t = √sigmoid(−λ_t) (Kingma et al. 2021, VDM, with γ = −λ). Derivatives come from
-    forward-mode autodiff of ``fn``; the inverse ``t_from_log_snr`` is bisection (60 halvings), exact to float
-    precision. ``fn`` is called as ``fn(t)`` or, if ``params`` is given, ``fn(params, t)``; ``params`` is a
-    PyTree leaf of the path, so a learned schedule trains through ``grad``.
+    forward-mode autodiff of ``fn``: α̇ = ½α·sigmoid(−λ)·λ̇, σ̇ = −½σ·sigmoid(λ)·λ̇ and
+    d(σ²)/dt = −sigmoid(λ)·sigmoid(−λ)·λ̇.
+    ``fn`` is called as ``fn(t)`` or, if ``params`` is given, ``fn(params, t)``; ``params`` is a PyTree leaf of
+    the path, so a learned schedule trains through ``grad``.
+
+    Infinite ends. Where λ or λ̇ is infinite (λ = ±∞ at an end, e.g. λ(t) = log(t²/(1 − t²)), which is
+    α = t), the products above are 0·∞; there the derivatives are taken at t moved inward by δ = √ε of the dtype
+    (1.5e-8 in float64, 3.5e-4 in float32): the value returned is the derivative at t ± δ, off from the limit
+    by about δ·|second derivative| (α̇(0) = 1 for α = t is exact; σ̇(0) = −δ instead of 0). Where the derivative
+    itself diverges (σ̇ at σ = 0) this gives a large finite number, not ∞: such an end belongs in ``t_eps``.
+    α, σ and λ themselves are exact at the ends.
+
+    The inverse ``t_from_log_snr`` is a bisection root find (``optimistix``) to the float spacing of t, with
+    implicit gradients: dt/dλ = 1/λ̇(t) and dt/dparams = −(∂λ/∂params)/λ̇(t).
 
     SD3's timestep shift by a factor s is ``LogSNRPath(lambda t: 2*logit(t) - 2*log(s))`` up to the VP scaling.
 
@@ -493,7 +570,8 @@ class LogSNRPath(AbstractPath):
     Args:
         fn: the log-SNR λ(t), increasing in t.
         params: optional PyTree of parameters passed as the first argument.
-        t_eps: distance from both ends where λ may be infinite; integration uses [t_eps, 1 − t_eps].
+        t_eps: the path's distance from both ends inside which λ may be singular; t_min = t_eps,
+            t_max = 1 − t_eps (default 0).
         check: evaluate monotonicity at construction (skipped automatically under tracing).
     """
 
@@ -505,9 +583,7 @@ class LogSNRPath(AbstractPath):
         self.fn = fn
         self.params = params
         self.eps = float(t_eps)
-        if check and not any(
-            isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(params)
-        ):
+        if check and not any(_is_traced(leaf) for leaf in jax.tree_util.tree_leaves(params)):
             ts = jnp.linspace(self.eps, 1.0 - self.eps, 257)
             lam = jax.vmap(self._lam)(ts)
             finite = jnp.isfinite(lam)
@@ -535,24 +611,51 @@ class LogSNRPath(AbstractPath):
     def _dlam(self, t):
         return jax.jvp(self._lam, (t,), (jnp.ones_like(t),))
 
+    def _dlam_regular(self, t):
+        """(λ, λ̇) at t, or at t moved inward by δ where λ or λ̇ is not finite (see the class docstring).
+
+        The point is chosen first (without gradient) and λ, λ̇ evaluated once there, so no NaN from the
+        infinite end reaches a gradient.
+        """
+        lam, dlam = jax.lax.stop_gradient(self._dlam(t))
+        bad = jnp.logical_not(jnp.isfinite(lam) & jnp.isfinite(dlam))
+        delta = _nudge(t.dtype)
+        t_in = jnp.where(t < 0.5, t + delta, t - delta)
+        return self._dlam(jnp.where(bad, t_in, t))
+
     def _alpha(self, t):
         return jnp.exp(0.5 * jax.nn.log_sigmoid(self._lam(t)))
 
     def _sigma(self, t):
         return jnp.exp(0.5 * jax.nn.log_sigmoid(-self._lam(t)))
 
-    def _d_alpha(self, t):
-        lam, dlam = self._dlam(t)
+    @staticmethod
+    def _d_alpha_from(lam, dlam):
         # d/dt √sigmoid(λ) = ½ √sigmoid(λ) · sigmoid(−λ) · λ̇
-        return 0.5 * self._alpha(t) * jax.nn.sigmoid(-lam) * dlam
+        return 0.5 * jnp.exp(0.5 * jax.nn.log_sigmoid(lam)) * jax.nn.sigmoid(-lam) * dlam
+
+    @staticmethod
+    def _d_sigma_from(lam, dlam):
+        return -0.5 * jnp.exp(0.5 * jax.nn.log_sigmoid(-lam)) * jax.nn.sigmoid(lam) * dlam
+
+    def _d_alpha(self, t):
+        return self._d_alpha_from(*self._dlam_regular(t))
 
     def _d_sigma(self, t):
-        lam, dlam = self._dlam(t)
-        return -0.5 * self._sigma(t) * jax.nn.sigmoid(lam) * dlam
+        return self._d_sigma_from(*self._dlam_regular(t))
 
     def _d_sigma_sq(self, t):
-        lam, dlam = self._dlam(t)
+        lam, dlam = self._dlam_regular(t)
         return -jax.nn.sigmoid(lam) * jax.nn.sigmoid(-lam) * dlam
+
+    def _coefficients(self, t):
+        lam_r, dlam_r = self._dlam_regular(t)
+        return (
+            self._alpha(t),
+            self._sigma(t),
+            self._d_alpha_from(lam_r, dlam_r),
+            self._d_sigma_from(lam_r, dlam_r),
+        )
 
     def _log_snr(self, t):
         return self._lam(t)
@@ -561,18 +664,13 @@ class LogSNRPath(AbstractPath):
         return self._dlam(t)[1]
 
     def t_from_log_snr(self, lam):
-        lam = jnp.asarray(lam, dtype=jnp.result_type(float))
-        lo0 = jnp.asarray(self.t_min, lam.dtype)
-        hi0 = jnp.asarray(1.0 - self.eps, lam.dtype)
+        """The t in [t_min, t_max] with λ(t) = lam (clipped to the ends outside the path's λ range).
 
-        def body(_, carry):
-            lo, hi = carry
-            mid = 0.5 * (lo + hi)
-            up = self._lam(mid) < lam
-            return jnp.where(up, mid, lo), jnp.where(up, hi, mid)
-
-        lo, hi = jax.lax.fori_loop(0, 60, body, (lo0, hi0))
-        return 0.5 * (lo + hi)
+        Bisection to the float spacing of t with implicit gradients (dt/dλ = 1/λ̇, dt/dparams =
+        −(∂λ/∂params)/λ̇); works under jit, vmap and grad.
+        """
+        lam = jnp.asarray(lam, dtype=jnp.result_type(lam, float))
+        return _monotone_inverse(self._lam, lam, float(self.t_min), float(self.t_max))
 
     @property
     def prior(self):

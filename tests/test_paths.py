@@ -583,14 +583,58 @@ def test_bad_time_raises_eager(name, bad):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_bad_time_raises_under_jit_and_vmap(name):
+@pytest.mark.parametrize("bad", BAD_T)
+def test_bad_concrete_time_is_a_python_value_error(name, bad):
+    """A concrete t outside [0, 1] is refused at Python level, naming the value and the convention."""
     path = PATHS[name][0]()
-    f = jax.jit(lambda p, t: jnp.stack([getattr(p, m)(t) for m in SCALAR_METHODS]))
-    jax.block_until_ready(f(path, 0.5))  # good t passes
+    with pytest.raises(ValueError) as info:
+        path.alpha(bad)
+    msg = str(info.value)
+    if math.isnan(bad):
+        assert "t is NaN" in msg, msg
+    else:
+        assert "t must lie in [0, 1] (t = 0 noise, t = 1 data)" in msg and repr(bad) in msg, msg
+
+
+def _callback_free(f, *args):
+    text = str(jax.make_jaxpr(f)(*args))
+    return "callback" not in text
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_path_methods_are_pure_under_jit_and_vmap(name):
+    """Under jit/vmap/grad the path methods add no runtime check: no host callback in the program, and a
+    traced bad t is not an error (entry points validate with check_time; positive control below)."""
+    path = PATHS[name][0]()
+
+    def every_method(p, t):
+        out = [getattr(p, m)(t) for m in SCALAR_METHODS]
+        out += list(p.coefficients(t)) + [p.t_from_log_snr(p.log_snr(t))]
+        return jnp.stack(out)
+
+    assert _callback_free(every_method, path, 0.5)
+    assert _callback_free(jax.vmap(every_method, in_axes=(None, 0)), path, jnp.array([0.2, 0.7]))
+    assert _callback_free(
+        jax.grad(lambda p, t: every_method(p, t).sum(), argnums=(0, 1)), path, 0.3
+    )
+    jax.block_until_ready(jax.vmap(path.alpha)(jnp.array([0.2, 1.5])))  # traced: no error
+    # positive control: the boundary validator does put one check (a callback) into the program
+    assert not _callback_free(check_time, 0.5)
+    assert not _callback_free(jax.vmap(check_time), jnp.array([0.2, 0.7]))
+
+
+def test_check_time_under_jit_and_vmap():
+    f = jax.jit(lambda t: check_time(t))
+    jax.block_until_ready(f(0.5))  # good t passes
     for bad in BAD_T:
-        _assert_time_error(f, path, bad)
-    _assert_time_error(jax.vmap(path.alpha), jnp.array([0.2, 1.5]))
-    _assert_time_error(jax.jit(jax.vmap(path.sigma)), jnp.array([0.2, -0.5]))
+        _assert_time_error(f, bad)
+    _assert_time_error(jax.vmap(check_time), jnp.array([0.2, 1.5]))
+    _assert_time_error(jax.jit(jax.vmap(check_time)), jnp.array([0.2, -0.5]))
+    # a path method composed with the validator raises, as public entry points do
+    path = LinearPath()
+    _assert_time_error(jax.jit(lambda t: path.alpha(check_time(t))), 1.5)
+    with pytest.raises(Exception, match=r"t0 must lie in \[0.1, 0.9\]"):
+        jax.block_until_ready(jax.jit(lambda t: check_time(t, 0.1, 0.9, name="t0"))(0.95))
 
 
 def test_check_time():
@@ -601,6 +645,8 @@ def test_check_time():
         check_time(jnp.array([0.1, 0.2]))
     with pytest.raises(ValueError, match="scalar"):
         LinearPath().alpha(jnp.array([0.1, 0.2]))
+    with pytest.raises(ValueError, match="scalar"):  # the shape check also runs when tracing
+        jax.jit(LinearPath().alpha)(jnp.array([0.1, 0.2]))
 
 
 def test_bad_constructor_arguments():
@@ -639,20 +685,189 @@ def test_logsnr_monotone_accepted_and_t_eps():
     LogSNRPath(lambda t: -t, check=False)
 
 
-def test_trusted_time_skips_only_the_value_check():
-    from diffjax.paths import check_time, trusted_time
+def test_no_leaked_state_between_traces():
+    """No global state: tracing (and failing to trace) one function in another context changes nothing
+    afterwards: a jitted path method stays callback-free, the validator keeps its check, eager errors stay."""
+    path = VPPath()
 
-    with trusted_time():
-        assert float(check_time(1.5)) == 1.5  # library-produced times: no runtime check
-        with pytest.raises(ValueError):
-            check_time(jnp.zeros(2))  # shape checks still run
+    def f(t):
+        return path.alpha(t) + path.d_sigma_sq(t)
+
+    before = str(jax.make_jaxpr(f)(0.3))
+    before_check = str(jax.make_jaxpr(check_time)(0.3))
+
+    def failing(t):
+        path.alpha(t)
+        raise RuntimeError("fails mid-trace")
+
+    with pytest.raises(RuntimeError):
+        jax.jit(failing)(0.3)
+    jax.jit(jax.vmap(jax.grad(f)))(jnp.array([0.1, 0.9]))  # traced inside vmap/grad/jit
+    jax.eval_shape(lambda t: jax.vmap(check_time)(t), jnp.zeros(3))
+    assert str(jax.make_jaxpr(f)(0.3)) == before and "callback" not in before
+    assert str(jax.make_jaxpr(check_time)(0.3)) == before_check and "callback" in before_check
     with pytest.raises(Exception, match="t must lie in"):
-        check_time(1.5)  # the scope has ended
+        jax.block_until_ready(jax.jit(check_time)(1.5))
+    with pytest.raises(ValueError, match="t must lie in"):
+        path.alpha(1.5)
 
 
 def test_nan_time_gets_its_own_message():
-    path = LinearPath()
     with pytest.raises(Exception, match="t is NaN"):
-        jax.block_until_ready(jax.jit(path.alpha)(jnp.asarray(float("nan"))))
+        jax.block_until_ready(jax.jit(check_time)(jnp.asarray(float("nan"))))
     with pytest.raises(Exception, match="t must lie in"):
-        jax.block_until_ready(jax.jit(path.alpha)(jnp.asarray(1.5)))
+        jax.block_until_ready(jax.jit(check_time)(jnp.asarray(1.5)))
+    # concrete values: Python errors, with the same two messages
+    with pytest.raises(ValueError, match="t is NaN"):
+        check_time(float("nan"))
+    with pytest.raises(
+        ValueError, match=r"t must lie in \[0, 1\] \(t = 0 noise, t = 1 data\), got t = 1.5"
+    ):
+        check_time(1.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LogSNRPath: the inverse λ ↦ t (root find with implicit gradients) and infinite ends
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _logit(t):
+    return jnp.log(t) - jnp.log1p(-t)
+
+
+def _scaled_logit(p, t):  # λ(t) = p·logit(t): t(λ) = sigmoid(λ/p), λ̇ = p/(t(1 − t))
+    return p * _logit(t)
+
+
+def test_t_from_log_snr_gradients_are_implicit(x64):
+    """Bug 1: the bisection's jnp.where gave dt/dλ = dt/dp = 0. Now dt/dλ = 1/λ̇ and dt/dp = −(∂λ/∂p)/λ̇:
+    checked against the closed form t = sigmoid(λ/p) and central finite differences, under grad, jit, vmap."""
+    p0, lam0 = 2.0, 0.7
+
+    def t_of(p, lam):
+        return LogSNRPath(_scaled_logit, params=p).t_from_log_snr(lam)
+
+    t = scipy.special.expit(lam0 / p0)
+    want_dlam = t * (1 - t) / p0  # 1/λ̇
+    want_dp = -(lam0 / p0) * t * (1 - t) / p0  # −logit(t)/λ̇
+    assert want_dlam == pytest.approx(0.12124869751125, rel=1e-12)
+    np.testing.assert_allclose(float(t_of(p0, lam0)), t, rtol=1e-15)
+    g_p, g_lam = jax.grad(t_of, argnums=(0, 1))(p0, lam0)
+    np.testing.assert_allclose([float(g_lam), float(g_p)], [want_dlam, want_dp], rtol=1e-12)
+    h = 1e-6
+    fd_lam = (float(t_of(p0, lam0 + h)) - float(t_of(p0, lam0 - h))) / (2 * h)
+    fd_p = (float(t_of(p0 + h, lam0)) - float(t_of(p0 - h, lam0))) / (2 * h)
+    np.testing.assert_allclose([float(g_lam), float(g_p)], [fd_lam, fd_p], rtol=1e-8)
+    # under jit and vmap, over a grid of λ, and through a downstream quantity α(t(λ))
+    lams = jnp.linspace(-8.0, 8.0, 9)
+    g = jax.jit(jax.vmap(jax.grad(t_of, argnums=(0, 1)), in_axes=(None, 0)))(p0, lams)
+    ts = scipy.special.expit(np.asarray(lams) / p0)
+    np.testing.assert_allclose(np.asarray(g[1]), ts * (1 - ts) / p0, rtol=1e-11)
+    np.testing.assert_allclose(
+        np.asarray(g[0]), -np.asarray(lams) / p0 * ts * (1 - ts) / p0, rtol=1e-11
+    )
+    path = LogSNRPath(_scaled_logit, params=jnp.asarray(p0))
+    ga = jax.grad(lambda pth: pth.alpha(pth.t_from_log_snr(lam0)))(path).params
+    # α(t(λ)) = √sigmoid(λ) does not depend on the schedule: the two implicit terms must cancel
+    np.testing.assert_allclose(float(ga), 0.0, atol=1e-13)
+
+
+def test_t_from_log_snr_exact_float64(x64):
+    path = LogSNRPath(lambda t: 2.0 * _logit(t))
+    ts = np.concatenate([np.geomspace(1e-10, 0.5, 30), 1 - np.geomspace(1e-10, 0.5, 30)])
+    lam = 2.0 * scipy.special.logit(ts)
+    got = np.asarray(jax.jit(jax.vmap(path.t_from_log_snr))(jnp.asarray(lam)))
+    # relative error of the root: ε·|λ|/|λ̇·t| ≈ ε·|λ|/2 from rounding in λ itself; 1 − t likewise
+    tol = 4e-16 * (1.0 + np.abs(lam))
+    np.testing.assert_array_less(np.abs(got - ts) / ts, tol)
+    # negative control: the former fixed 60 halvings of [0, 1] stop at a bracket of 2^-60 ≈ 8.7e-19, which is
+    # not float64 precision for t < 1e-3
+    assert np.any(2.0**-60 / ts[ts < 1e-3] > 4e-16 * (1.0 + np.abs(lam[ts < 1e-3])))
+
+
+def test_t_from_log_snr_exact_float32():
+    path = LogSNRPath(lambda t: 2.0 * _logit(t))
+    assert path.t_from_log_snr(0.7).dtype == jnp.float32
+    ts = np.concatenate([np.geomspace(1e-6, 0.5, 20), 1 - np.geomspace(1e-4, 0.5, 20)])
+    lam = (2.0 * scipy.special.logit(ts)).astype(np.float32)
+    want = scipy.special.expit(lam.astype(np.float64) / 2.0)
+    got = np.asarray(jax.jit(jax.vmap(path.t_from_log_snr))(jnp.asarray(lam)), dtype=np.float64)
+    ulp = np.spacing(want.astype(np.float32)).astype(np.float64)
+    # λ(t) rounds to float32 too: allow its ε·|λ| effect on t plus two float32 spacings
+    tol = 2 * ulp + 1.2e-7 * np.abs(lam) * want * (1 - want)
+    np.testing.assert_array_less(np.abs(got - want), tol)
+    g = float(jax.grad(path.t_from_log_snr)(jnp.float32(0.7)))
+    t = scipy.special.expit(0.35)
+    np.testing.assert_allclose(g, t * (1 - t) / 2, rtol=1e-5)
+
+
+def test_t_from_log_snr_clips_outside_the_range(x64):
+    path = LogSNRPath(lambda t: 10.0 * t - 5.0, t_eps=1e-3)
+    lo, hi = path.t_min, path.t_max
+    for lam, want in (
+        (100.0, hi),
+        (-100.0, lo),
+        (math.inf, hi),
+        (-math.inf, lo),
+        (5.0, hi),
+        (-5.0, lo),
+    ):
+        assert float(path.t_from_log_snr(lam)) == want, lam
+        assert float(jax.grad(path.t_from_log_snr)(lam)) == 0.0, lam
+    assert math.isnan(float(path.t_from_log_snr(float("nan"))))
+    # inside: exact and with dt/dλ = 1/10
+    np.testing.assert_allclose(float(path.t_from_log_snr(1.0)), 0.6, rtol=1e-15)
+    np.testing.assert_allclose(float(jax.grad(path.t_from_log_snr)(1.0)), 0.1, rtol=1e-12)
+    # a path with λ(0) = −∞, λ(1) = +∞ maps ±∞ to its ends
+    logit_path = LogSNRPath(lambda t: 2.0 * _logit(t))
+    assert float(logit_path.t_from_log_snr(-math.inf)) == 0.0
+    assert float(logit_path.t_from_log_snr(math.inf)) == 1.0
+    assert np.all(
+        np.isfinite(jax.vmap(jax.grad(logit_path.t_from_log_snr))(jnp.array([-jnp.inf, jnp.inf])))
+    )
+
+
+def _alpha_is_t(t):  # λ = log(t²/(1 − t²)) ⇔ α = t, σ = √(1 − t²): λ = −∞ at t = 0, +∞ at t = 1
+    return 2.0 * jnp.log(t) - jnp.log1p(-jnp.square(t))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_logsnr_path_with_infinite_ends(dtype, request):
+    """Bug 9: α̇, σ̇ were 0·∞ = NaN where λ = ±∞. Against the closed form α = t, σ = √(1 − t²)."""
+    if dtype == "float64":
+        request.getfixturevalue("x64")
+    delta = float(np.sqrt(np.finfo(dtype).eps))
+    path = LogSNRPath(_alpha_is_t)
+    # negative control: the plain product ½α·sigmoid(−λ)·λ̇ is NaN at t = 0
+    raw = 0.5 * path.alpha(0.0) * jax.nn.sigmoid(-path.log_snr(0.0)) * path.d_log_snr(0.0)
+    assert math.isnan(float(raw))
+    rtol = 1e-12 if dtype == "float64" else 2e-5
+    ts = np.array([0.1, 0.5, 0.9])
+    coeffs = np.array(jax.jit(jax.vmap(path.coefficients))(jnp.asarray(ts, dtype))).T
+    want = np.stack([ts, np.sqrt(1 - ts**2), np.ones(3), -ts / np.sqrt(1 - ts**2)], axis=1)
+    np.testing.assert_allclose(coeffs, want, rtol=rtol)
+
+    methods = ("alpha", "d_alpha", "d_sigma", "d_sigma_sq")
+
+    def ends(p):
+        return {(m, t): getattr(p, m)(jnp.asarray(t, dtype)) for m in methods for t in (0.0, 1.0)}
+
+    got = {k: float(v) for k, v in jax.jit(ends)(path).items()}
+    # eager agrees with jit
+    for k in (("d_alpha", 0.0), ("d_sigma_sq", 1.0)):
+        np.testing.assert_allclose(float(getattr(path, k[0])(k[1])), got[k], rtol=1e-6)
+    # the ends: α̇ = 1 exactly (α̈ = 0); σ̇(0) = 0 and d(σ²)/dt = −2t to within the nudge δ
+    assert got["alpha", 0.0] == 0.0 and got["alpha", 1.0] == 1.0
+    np.testing.assert_allclose(got["d_alpha", 0.0], 1.0, rtol=rtol)
+    np.testing.assert_allclose(got["d_alpha", 1.0], 1.0, rtol=max(rtol, 4 * delta))
+    assert abs(got["d_sigma", 0.0]) <= 2 * delta
+    assert abs(got["d_sigma_sq", 0.0]) <= 3 * delta
+    np.testing.assert_allclose(got["d_sigma_sq", 1.0], -2.0, atol=3 * delta)
+    # σ̇ → −∞ at t = 1: finite there, the value at 1 − δ (documented)
+    want_ds1 = -(1 - delta) / np.sqrt(1 - (1 - delta) ** 2)
+    np.testing.assert_allclose(got["d_sigma", 1.0], want_ds1, rtol=1e-3)
+    a, s, da, ds = (float(c) for c in path.coefficients(0.0))
+    assert (a, s) == (0.0, 1.0) and da == pytest.approx(1.0, rel=rtol) and abs(ds) <= 2 * delta
+    # gradients at the ends are finite (no NaN from the infinite branch leaks through jnp.where)
+    grads = jax.jit(jax.vmap(jax.grad(lambda t: path.d_alpha(t) + path.d_sigma_sq(t))))
+    assert np.all(np.isfinite(np.asarray(grads(jnp.asarray([0.0, 1.0], dtype)))))
