@@ -105,7 +105,7 @@ OBJECTIVES: dict[str, Callable[..., losses.Objective]] = {
     "v": lambda path, sd: losses.v_prediction(path),
     "edm": lambda path, sd: losses.edm(path, sigma_data=sd),
     "sd3": lambda path, sd: losses.sd3(path),
-    "elbo": lambda path, sd: losses.elbo(path, "eps"),
+    "elbo": lambda path, sd: losses.vdm(path, "eps"),
 }
 
 DATASETS: tuple[str, ...] = (*data_lib.TOY_NAMES, "digits")

@@ -18,21 +18,33 @@ with κ_t² = ``targets.error_scale_sq(space, path, t)``. So E[L] = ½∫ w(λ)�
 Building blocks (all ``equinox.Module``; strings are static fields, numbers are leaves; jit/vmap/grad-able):
 
 * time samplers π(t): :class:`Uniform`, :class:`LogitNormal`, :class:`ModeSampler`, :class:`CosMap`,
-  :class:`LogSNRNormal`, :class:`Shifted`; each has ``sample``, ``density`` and an exact inverse CDF ``icdf``
-  (so batches can be stratified in t);
+  :class:`LogSNRNormal`, :class:`Shifted`; each has ``sample``, ``density``, an exact ``cdf`` and its exact inverse
+  ``icdf`` (so batches can be stratified in t and the sampler truncated exactly);
 * per-sample loss factors c(t): :class:`ConstantWeight`, :class:`EDMWeight`, :class:`MinSNR`,
   :class:`LogSNRRate` (VDM's ½λ̇), :class:`KingmaGaoWeight` (realises any λ-weighting w);
 * λ-weightings w(λ): :class:`ELBOWeighting`, :class:`SigmoidWeighting`, :class:`ExpWeighting`,
   :class:`EDMWeighting`, :class:`LogitNormalWeighting`, :class:`CosineEpsWeighting`;
 * :class:`Objective` with :func:`loss` / :func:`loss_at` / :func:`batch_loss`, :func:`weighted_objective`,
-  the published presets (:func:`ddpm`, :func:`elbo`, :func:`v_prediction`, :func:`flow_matching`,
+  the published presets (:func:`ddpm`, :func:`vdm`, :func:`v_prediction`, :func:`flow_matching`,
   :func:`score_matching`, :func:`edm`, :func:`sd3`, :func:`sigmoid`, :func:`min_snr`) written in their native form,
   and :func:`implied_weighting`, which recovers w(λ) and p(λ) of any objective.
 
-Endpoints: sampled times are clipped to [max(path.t_min, t_eps), min(path.t_max, 1 − t_eps)] with the objective's
-``t_eps`` (default 1e-5), because c(t), κ_t² or the conversion between kinds is singular at t = 0 (α = 0) or t = 1
-(σ = 0) for many triples (e.g. λ̇ = ∞ at both ends of the linear path). The densities π(t) reported by the samplers
-are the unclipped ones; the clipped mass (≤ 1e-5 per end for the densities here) is ignored.
+Prediction kinds are the modules of :mod:`diffjax.kinds`; an :class:`Objective` converts the names ``"eps"``,
+``"data"``, ``"v"``, ``"velocity"``, ``"score"`` once, at construction (``objective.prediction.name`` is the string).
+
+Endpoints: truncation, not clipping. Times are drawn from π *truncated* to [lo, hi] = ``objective.t_range``
+= [max(path.t_min, margin), min(path.t_max, 1 − margin)], with the objective's ``margin`` (default 1e-5), because
+c(t), κ_t² or the conversion between kinds is singular at t = 0 (α = 0) or t = 1 (σ = 0) for many triples (e.g.
+λ̇ = ∞ at both ends of the linear path). With F the sampler's exact CDF and Z = F(hi) − F(lo) (``objective.mass()``):
+
+    t = F⁻¹(F(lo) + u·Z),  u ~ U(0, 1),    and each example's loss is multiplied by Z,
+
+so that E[loss] = ∫_lo^hi π(t)·c(t)·E‖ŷ − y‖² dt = ½∫_{λ(lo)}^{λ(hi)} w(λ)·E‖ε̂ − ε‖² dλ exactly, with the same
+implied w(λ) as the untruncated objective, restricted to the λ range [λ(lo), λ(hi)]. (Clipping t into [lo, hi]
+instead would put the mass F(lo) and 1 − F(hi) on the two end points, where c can be of order 1/margin: for the
+VDM loss that adds about D, the data dimension, to the expectation.) No time is checked inside a training step:
+the library's own times lie in [lo, hi] by construction, so ``loss`` and ``batch_loss`` add no host callback; the
+public functions that take a user's t (``loss_at``, ``density``, ``cdf``, ``Objective.weight``) validate it once.
 """
 
 from __future__ import annotations
@@ -46,8 +58,17 @@ import jax.numpy as jnp
 from jax.scipy.special import ndtr, ndtri
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from .paths import AbstractPath, CosinePath, EDMPath, LinearPath, VPPath, check_time, trusted_time
-from .targets import KINDS, convert, error_scale_sq, interpolate, target
+from .kinds import AbstractKind, as_kind
+from .paths import (
+    AbstractPath,
+    CosinePath,
+    EDMPath,
+    LinearPath,
+    VPPath,
+    _monotone_inverse,
+    check_time,
+)
+from .targets import convert_at
 
 __all__ = [
     "AbstractTimeSampler",
@@ -79,7 +100,7 @@ __all__ = [
     "ImpliedWeighting",
     "implied_weighting",
     "ddpm",
-    "elbo",
+    "vdm",
     "v_prediction",
     "flow_matching",
     "score_matching",
@@ -106,11 +127,6 @@ def _normal_pdf(z):
     return jnp.exp(-0.5 * jnp.square(z)) / math.sqrt(2.0 * math.pi)
 
 
-def _check_kind(kind: str, name: str) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"unknown prediction kind {name}={kind!r}; expected one of {KINDS}")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Time samplers
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,8 +135,10 @@ def _check_kind(kind: str, name: str) -> None:
 class AbstractTimeSampler(eqx.Module):
     """A distribution π(t) of training times (t = 0 noise, t = 1 data).
 
-    Subclasses implement ``icdf(u, path)`` (the exact inverse CDF, increasing in u ∈ [0, 1]) and
-    ``density(t, path)`` (π(t) on [0, 1]). ``sample(key, path)`` is ``icdf(U(0, 1))``.
+    Subclasses implement ``icdf(u, path)`` (the exact inverse CDF, increasing in u ∈ [0, 1]), ``_cdf(t, path)``
+    (its exact inverse, the CDF P(T ≤ t)) and ``_density(t, path)`` (π(t) on [0, 1]); the underscored forms take a
+    valid t unchecked (library code), the public ``cdf``/``density`` validate a user's t with
+    :func:`diffjax.paths.check_time`. ``sample(key, path)`` is ``icdf(U(0, 1))``.
     """
 
     @abc.abstractmethod
@@ -128,11 +146,21 @@ class AbstractTimeSampler(eqx.Module):
         """The inverse CDF: the t with P(T ≤ t) = u (t = 0 noise, t = 1 data)."""
 
     @abc.abstractmethod
+    def _cdf(self, t, path): ...
+
+    @abc.abstractmethod
+    def _density(self, t, path): ...
+
+    def cdf(self, t: Scalar, path: AbstractPath) -> Float[Array, ""]:
+        """P(T ≤ t), the exact inverse of ``icdf`` (t = 0 noise, t = 1 data)."""
+        return self._cdf(check_time(t), path)
+
     def density(self, t: Scalar, path: AbstractPath) -> Float[Array, ""]:
         """π(t), the density of the sampled time at t (t = 0 noise, t = 1 data)."""
+        return self._density(check_time(t), path)
 
     def sample(self, key: PRNGKeyArray, path: AbstractPath) -> Float[Array, ""]:
-        """One scalar time t ~ π (t = 0 noise, t = 1 data)."""
+        """One scalar time t ~ π (t = 0 noise, t = 1 data), untruncated (objectives truncate, see the module)."""
         u = jax.random.uniform(key, (), dtype=jnp.result_type(float))
         return self.icdf(u, path)
 
@@ -140,8 +168,8 @@ class AbstractTimeSampler(eqx.Module):
 class Uniform(AbstractTimeSampler):
     """t ~ U(t_min, t_max), by default U(0, 1) as in the papers (t = 0 noise, t = 1 data).
 
-    The default does not adapt to the path: use ``Uniform(path.t_min, path.t_max)`` to sample exactly the path's
-    integration interval. (The objective clips samples to the path's interval anyway, see the module docstring.)
+    The default does not adapt to the path; an objective truncates it to its ``t_range`` anyway (module docstring).
+    CDF (t − t_min)/(t_max − t_min) on [t_min, t_max].
     """
 
     t_min: Float[Array, ""]
@@ -158,8 +186,11 @@ class Uniform(AbstractTimeSampler):
     def icdf(self, u, path):
         return self.t_min + jnp.asarray(u) * (self.t_max - self.t_min)
 
-    def density(self, t, path):
-        t = check_time(t)
+    def _cdf(self, t, path):
+        return jnp.clip((t - self.t_min) / (self.t_max - self.t_min), 0.0, 1.0)
+
+    def _density(self, t, path):
+        t = jnp.asarray(t)
         inside = (t >= self.t_min) & (t <= self.t_max)
         return jnp.where(inside, 1.0 / (self.t_max - self.t_min), 0.0).astype(t.dtype)
 
@@ -169,8 +200,9 @@ class LogitNormal(AbstractTimeSampler):
 
     SD3's time is τ = 1 − t (τ = 0 data): τ = sigmoid(n), n ~ N(mean, std²), with density
     π_ln(τ) = φ((logit τ − m)/s)/(s·τ(1 − τ)) and CDF Φ((logit τ − m)/s). Here t = 1 − τ = sigmoid(−n), i.e.
-    logit t ~ N(−mean, std²), and π(t) = π_ln(1 − t). A positive ``mean`` biases towards noise (small t), as in SD3.
-    On the linear path λ = 2·logit t ~ N(−2·mean, (2·std)²). SD3's default is mean = 0, std = 1.
+    logit t ~ N(−mean, std²), CDF Φ((logit t + mean)/std), and π(t) = π_ln(1 − t). A positive ``mean`` biases
+    towards noise (small t), as in SD3. On the linear path λ = 2·logit t ~ N(−2·mean, (2·std)²). SD3's default is
+    mean = 0, std = 1.
     """
 
     mean: Float[Array, ""]
@@ -185,8 +217,10 @@ class LogitNormal(AbstractTimeSampler):
     def icdf(self, u, path):
         return jax.nn.sigmoid(-self.mean + self.std * ndtri(jnp.asarray(u)))
 
-    def density(self, t, path):
-        t = check_time(t)
+    def _cdf(self, t, path):
+        return ndtr((jnp.log(t) - jnp.log1p(-t) + self.mean) / self.std)
+
+    def _density(self, t, path):
         z = (-(jnp.log(t) - jnp.log1p(-t)) - self.mean) / self.std
         return _normal_pdf(z) / (self.std * t * (1.0 - t))
 
@@ -196,9 +230,10 @@ class ModeSampler(AbstractTimeSampler):
 
     SD3: τ = f_mode(u) = 1 − u − s·(cos²(πu/2) − 1 + u), u ~ U(0, 1), τ = 1 − t. Here t = g(u) = 1 − f_mode(u)
     = u + s·(cos²(πu/2) − 1 + u), which is increasing in u (so g is the inverse CDF) exactly when
-    −1 ≤ s ≤ 2/(π − 2) ≈ 1.7519; other scales raise ``ValueError``. The density is π(t) = 1/g'(g⁻¹(t)) with
-    g'(u) = 1 + s·(1 − (π/2)·sin(πu)); g⁻¹ is found by bisection (64 halvings, exact to float precision).
-    s = 0 is uniform; π(½) = 1/(1 − s(π/2 − 1)). The density is symmetric under t ↔ 1 − t.
+    −1 ≤ s ≤ 2/(π − 2) ≈ 1.7519; other scales raise ``ValueError``. The CDF is g⁻¹ (:meth:`inverse_icdf`, a
+    bisection root find with implicit gradients) and the density π(t) = 1/g'(g⁻¹(t)) with
+    g'(u) = 1 + s·(1 − (π/2)·sin(πu)). s = 0 is uniform; π(½) = 1/(1 − s(π/2 − 1)). The density is symmetric
+    under t ↔ 1 − t.
     """
 
     scale: Float[Array, ""]
@@ -221,20 +256,17 @@ class ModeSampler(AbstractTimeSampler):
         return jnp.clip(self._g(jnp.asarray(u)), 0.0, 1.0)
 
     def inverse_icdf(self, t: Scalar) -> Float[Array, ""]:
-        """g⁻¹(t) = the CDF at t, by bisection on [0, 1]."""
-        t = jnp.asarray(t)
+        """g⁻¹(t), the CDF at t (0 below t = 0, 1 above t = 1).
 
-        def body(_, carry):
-            lo, hi = carry
-            mid = 0.5 * (lo + hi)
-            up = self._g(mid) < t
-            return jnp.where(up, mid, lo), jnp.where(up, hi, mid)
+        Bisection to the float spacing of u (``optimistix``), differentiated implicitly: d/dt = 1/g'(u),
+        d/dscale = −(cos²(πu/2) − 1 + u)/g'(u) at u = g⁻¹(t). Pure (no check of t); jit/vmap/grad-able.
+        """
+        return _monotone_inverse(self._g, jnp.asarray(t, jnp.result_type(t, float)), 0.0, 1.0)
 
-        lo, hi = jax.lax.fori_loop(0, 64, body, (jnp.zeros_like(t), jnp.ones_like(t)))
-        return 0.5 * (lo + hi)
+    def _cdf(self, t, path):
+        return self.inverse_icdf(t)
 
-    def density(self, t, path):
-        t = check_time(t)
+    def _density(self, t, path):
         return 1.0 / self._dg(self.inverse_icdf(t))
 
 
@@ -243,7 +275,8 @@ class CosMap(AbstractTimeSampler):
 
     SD3: τ = 1 − 1/(tan(πu/2) + 1), u ~ U(0, 1), π(τ) = 2/(π(τ² + (1 − τ)²)). Here t = 1 − τ(1 − u)
     = sin(πu/2)/(sin(πu/2) + cos(πu/2)), so that on the linear path λ = 2·logit t = 2·log tan(πu/2) is exactly
-    the cosine schedule's λ at time u. The density is symmetric: π(t) = 2/(π(t² + (1 − t)²)).
+    the cosine schedule's λ at time u. CDF u = (2/π)·arctan(t/(1 − t)); the density is symmetric:
+    π(t) = 2/(π(t² + (1 − t)²)).
     """
 
     def icdf(self, u, path):
@@ -251,18 +284,20 @@ class CosMap(AbstractTimeSampler):
         s, c = jnp.sin(a), jnp.cos(a)
         return s / (s + c)
 
-    def density(self, t, path):
-        t = check_time(t)
+    def _cdf(self, t, path):
+        return (2.0 / jnp.pi) * jnp.arctan2(t, 1.0 - t)
+
+    def _density(self, t, path):
         return 2.0 / (jnp.pi * (jnp.square(t) + jnp.square(1.0 - t)))
 
 
 class LogSNRNormal(AbstractTimeSampler):
     """λ ~ N(mean, std²) truncated to the path's λ range [λ(t_min), λ(t_max)]; t = path.t_from_log_snr(λ).
 
-    Sampled exactly by the inverse CDF: λ = mean + std·Φ⁻¹(Φ(a) + u(Φ(b) − Φ(a))), a, b the standardised ends.
-    Density in t: π(t) = N_trunc(λ_t)·λ̇_t (t = 0 noise, t = 1 data). EDM's ln σ ~ N(P_mean, P_std²) with
-    σ = e^{−λ/2} (α = 1) is ``LogSNRNormal(−2·P_mean, 2·P_std)``; SD3's logit-normal on the linear path is
-    ``LogSNRNormal(−2·m, 2·s)``.
+    Sampled exactly by the inverse CDF: λ = mean + std·Φ⁻¹(Φ(a) + u(Φ(b) − Φ(a))), a, b the standardised ends;
+    the CDF in t is (Φ((λ_t − mean)/std) − Φ(a))/(Φ(b) − Φ(a)). Density in t: π(t) = N_trunc(λ_t)·λ̇_t (t = 0
+    noise, t = 1 data). EDM's ln σ ~ N(P_mean, P_std²) with σ = e^{−λ/2} (α = 1) is
+    ``LogSNRNormal(−2·P_mean, 2·P_std)``; SD3's logit-normal on the linear path is ``LogSNRNormal(−2·m, 2·s)``.
     """
 
     mean: Float[Array, ""]
@@ -275,14 +310,37 @@ class LogSNRNormal(AbstractTimeSampler):
         self.std = _float(std)
 
     def _cdf_ends(self, path):
-        lam_lo, lam_hi = path.log_snr_range()
-        return ndtr((lam_lo - self.mean) / self.std), ndtr((lam_hi - self.mean) / self.std)
+        return tuple(self._end_cdf(path, float(t)) for t in (path.t_min, path.t_max))
+
+    def _end_cdf(self, path, t):
+        """Φ((λ(t) − mean)/std) at an end t of the path, where λ may be ±∞ (then Φ is 0 or 1 with zero
+        gradient: the chain rule through λ = ±∞ would give 0·∞ = NaN for the path's and the sampler's leaves,
+        e.g. a learned schedule, so those gradients are cut there)."""
+        t = jnp.asarray(t, jnp.result_type(float))
+        finite = jnp.isfinite(jax.lax.stop_gradient(path.log_snr(t)))
+
+        def gate(leaf):
+            return jnp.where(finite, leaf, jax.lax.stop_gradient(leaf))
+
+        path = jax.tree_util.tree_map(
+            lambda leaf: gate(leaf) if eqx.is_inexact_array(leaf) else leaf, path
+        )
+        lam = path.log_snr(t)
+        lam_safe = jnp.where(finite, lam, 0.0)
+        return jnp.where(
+            finite, ndtr((lam_safe - self.mean) / self.std), jnp.where(lam > 0, 1.0, 0.0)
+        )
 
     def icdf(self, u, path):
         p_lo, p_hi = self._cdf_ends(path)
         p = jnp.clip(p_lo + jnp.asarray(u) * (p_hi - p_lo), p_lo, p_hi)
         lam = self.mean + self.std * ndtri(p)
         return path.t_from_log_snr(lam)
+
+    def _cdf(self, t, path):
+        p_lo, p_hi = self._cdf_ends(path)
+        p = ndtr((path.log_snr(t) - self.mean) / self.std)
+        return jnp.clip((p - p_lo) / (p_hi - p_lo), 0.0, 1.0)
 
     def log_snr_density(self, lam: Scalar, path: AbstractPath) -> Float[Array, ""]:
         """The truncated normal density of λ."""
@@ -292,8 +350,7 @@ class LogSNRNormal(AbstractTimeSampler):
         dens = _normal_pdf((lam - self.mean) / self.std) / (self.std * (p_hi - p_lo))
         return jnp.where(inside, dens, 0.0)
 
-    def density(self, t, path):
-        t = check_time(t)
+    def _density(self, t, path):
         return self.log_snr_density(path.log_snr(t), path) * path.d_log_snr(t)
 
 
@@ -301,8 +358,9 @@ class Shifted(AbstractTimeSampler):
     """SD3's resolution-dependent timestep shift (Esser et al. 2024, §5.3.2) applied to a base sampler.
 
     In SD3 time τ = 1 − t: τ' = s·τ/(1 + (s − 1)·τ). In diffjax time: t' = t/(s − (s − 1)·t), with inverse
-    t = s·t'/(1 + (s − 1)·t') and density π'(t') = π(t)·s/(1 + (s − 1)·t')². s > 1 moves samples towards noise;
-    on the linear path it shifts log-SNR by λ' = λ − 2·log s. SD3 uses s = √(m/n) (pixel-count ratio), 3.0 at 1024².
+    t = s·t'/(1 + (s − 1)·t'), CDF F'(t') = F(t) and density π'(t') = π(t)·s/(1 + (s − 1)·t')². s > 1 moves
+    samples towards noise; on the linear path it shifts log-SNR by λ' = λ − 2·log s. SD3 uses s = √(m/n)
+    (pixel-count ratio), 3.0 at 1024².
     """
 
     base: AbstractTimeSampler
@@ -317,14 +375,18 @@ class Shifted(AbstractTimeSampler):
     def _forward(self, t):
         return t / (self.shift - (self.shift - 1.0) * t)
 
+    def _backward(self, t):
+        return jnp.clip(self.shift * t / (1.0 + (self.shift - 1.0) * t), 0.0, 1.0)
+
     def icdf(self, u, path):
         return self._forward(self.base.icdf(u, path))
 
-    def density(self, t, path):
-        t = check_time(t)
+    def _cdf(self, t, path):
+        return self.base._cdf(self._backward(t), path)
+
+    def _density(self, t, path):
         denom = 1.0 + (self.shift - 1.0) * t
-        t_base = jnp.clip(self.shift * t / denom, 0.0, 1.0)
-        return self.base.density(t_base, path) * self.shift / jnp.square(denom)
+        return self.base._density(self._backward(t), path) * self.shift / jnp.square(denom)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -429,12 +491,19 @@ class CosineEpsWeighting(AbstractWeighting):
 class AbstractLossWeight(eqx.Module):
     """A per-sample factor c(t) multiplying ‖ŷ − y‖² (t = 0 noise, t = 1 data).
 
-    Called as ``c(t, path=..., space=..., time_sampler=...)``; ``space`` is the kind in which the error is taken.
+    Called as ``c(t, path=..., space=..., time_sampler=...)``; ``space`` is the kind (a
+    :class:`diffjax.kinds.AbstractKind`) in which the error is taken. Library code calls it with valid times
+    only: it is pure and checks nothing (no host callback inside a training step).
     """
 
     @abc.abstractmethod
     def __call__(
-        self, t: Scalar, *, path: AbstractPath, space: str, time_sampler: AbstractTimeSampler
+        self,
+        t: Scalar,
+        *,
+        path: AbstractPath,
+        space: AbstractKind,
+        time_sampler: AbstractTimeSampler,
     ) -> Float[Array, ""]: ...
 
 
@@ -447,7 +516,7 @@ class ConstantWeight(AbstractLossWeight):
         self.value = _float(value)
 
     def __call__(self, t, *, path, space, time_sampler):
-        return self.value * jnp.ones_like(check_time(t))
+        return self.value * jnp.ones_like(jnp.asarray(t))
 
 
 class EDMWeight(AbstractLossWeight):
@@ -480,9 +549,10 @@ class MinSNR(AbstractLossWeight):
         self.gamma = _float(gamma)
 
     def __call__(self, t, *, path, space, time_sampler):
-        a, s, _, _ = path.coefficients(t)
+        coeffs = path.coefficients(t)
+        a, s, _, _ = coeffs
         # min(SNR, γ)·κ²_data = min(1, γ·σ²/α²), finite at α = 0.
-        return jnp.minimum(1.0, self.gamma * jnp.square(s / a)) / error_scale_sq(space, path, t)
+        return jnp.minimum(1.0, self.gamma * jnp.square(s / a)) / space.error_scale_sq(*coeffs)
 
 
 class LogSNRRate(AbstractLossWeight):
@@ -501,7 +571,7 @@ class LogSNRRate(AbstractLossWeight):
 class KingmaGaoWeight(AbstractLossWeight):
     """The factor that realises a λ-weighting w with any sampler and error space (formulas-detailed.md §2.3):
 
-    c(t) = w(λ_t)·λ̇_t/(2·π(t)·κ_t²),  κ_t² = error_scale_sq(space, path, t),
+    c(t) = w(λ_t)·λ̇_t/(2·π(t)·κ_t²),  κ_t² = space.error_scale_sq(α, σ, α̇, σ̇) (``targets.error_scale_sq``),
 
     so that c·‖ŷ − y‖² = ½·(w(λ)/p(λ))·‖ε̂ − ε‖² and E = ½∫ w(λ)·E‖ε̂ − ε‖² dλ.
     """
@@ -509,12 +579,12 @@ class KingmaGaoWeight(AbstractLossWeight):
     weighting: AbstractWeighting
 
     def __call__(self, t, *, path, space, time_sampler):
-        t = check_time(t)
         lam = path.log_snr(t)
+        kappa_sq = space.error_scale_sq(*path.coefficients(t))
         return (
             self.weighting(lam)
             * path.d_log_snr(t)
-            / (2.0 * time_sampler.density(t, path) * error_scale_sq(space, path, t))
+            / (2.0 * time_sampler._density(t, path) * kappa_sq)
         )
 
 
@@ -524,62 +594,95 @@ class KingmaGaoWeight(AbstractLossWeight):
 
 
 class Objective(eqx.Module):
-    """A training objective E_{t~π, ε}[ c(t)·‖ŷ − y‖² ] (t = 0 noise, t = 1 data).
+    """A training objective E_{t~π, ε}[ c(t)·‖ŷ − y‖² ] (t = 0 noise, t = 1 data), π truncated to ``t_range``.
 
     Args:
         path: the Gaussian path x_t = α_t·x + σ_t·ε.
-        prediction: the kind the network ``fn(t, x_t)`` outputs (one of ``targets.KINDS``).
-        space: the kind in which the squared error is taken; the prediction is converted exactly with
-            ``targets.convert`` and the target is ``targets.target(space, ...)``. Defaults to ``prediction``.
-        time_sampler: π(t).
-        loss_weight: c(t).
-        t_eps: sampled t are clipped to [max(path.t_min, t_eps), min(path.t_max, 1 − t_eps)], away from the
-            endpoints where conversions, κ² or c(t) may be singular (α = 0 at t = 0, σ = 0 or λ̇ = ∞ at t = 1).
+        prediction: the kind the network ``fn(t, x_t)`` outputs: a :class:`diffjax.kinds.AbstractKind` or its
+            name (``"eps"``, ``"data"``, ``"v"``, ``"velocity"``, ``"score"``), converted once with
+            :func:`diffjax.kinds.as_kind`; ``objective.prediction.name`` is the string.
+        space: the kind in which the squared error is taken; the prediction is converted exactly
+            (``targets.convert_at``) and the target is that kind's ``target``. Defaults to ``prediction``.
+        time_sampler: π(t) (default U(0, 1)).
+        loss_weight: c(t) (default 1).
+        margin: the objective's distance from t = 0 and t = 1: times are drawn from π truncated (not clipped)
+            to [lo, hi] = [max(path.t_min, margin), min(path.t_max, 1 − margin)], away from the ends where
+            conversions, κ² or c(t) may be singular (α = 0 at t = 0, σ = 0 or λ̇ = ∞ at t = 1); each example's
+            loss carries the mass Z = F(hi) − F(lo). Not the path's ``t_eps`` (where the *path* is singular).
+            The expectation is ½∫_{λ(lo)}^{λ(hi)} w(λ)·E‖ε̂ − ε‖² dλ (module docstring).
     """
 
     path: AbstractPath
     time_sampler: AbstractTimeSampler
     loss_weight: AbstractLossWeight
-    prediction: str = eqx.field(static=True)
-    space: str = eqx.field(static=True)
-    t_eps: float = eqx.field(static=True)
+    prediction: AbstractKind
+    space: AbstractKind
+    margin: float = eqx.field(static=True)
 
     def __init__(
         self,
         path: AbstractPath,
-        prediction: str,
-        space: str | None = None,
+        prediction: str | AbstractKind,
+        space: str | AbstractKind | None = None,
         time_sampler: AbstractTimeSampler | None = None,
         loss_weight: AbstractLossWeight | None = None,
-        t_eps: float = 1e-5,
+        *,
+        margin: float = 1e-5,
     ):
-        space = prediction if space is None else space
-        _check_kind(prediction, "prediction")
-        _check_kind(space, "space")
+        prediction = as_kind(prediction, "prediction")
+        space = prediction if space is None else as_kind(space, "space")
         if not isinstance(path, AbstractPath):
             raise ValueError(f"path must be a diffjax AbstractPath, got {type(path).__name__}")
-        if not (0.0 <= float(t_eps) < 0.5):
-            raise ValueError(f"t_eps must lie in [0, 0.5), got t_eps={t_eps}")
+        if not (0.0 <= float(margin) < 0.5):
+            raise ValueError(f"margin must lie in [0, 0.5), got margin={margin}")
         self.path = path
         self.prediction = prediction
         self.space = space
         self.time_sampler = Uniform() if time_sampler is None else time_sampler
         self.loss_weight = ConstantWeight() if loss_weight is None else loss_weight
-        self.t_eps = float(t_eps)
+        self.margin = float(margin)
+        lo, hi = self.t_range
+        if not lo < hi:
+            raise ValueError(
+                f"margin={margin} leaves no time interval on {type(path).__name__} (t_min={path.t_min}, "
+                f"t_max={path.t_max}): need max(t_min, margin) < min(t_max, 1 - margin)"
+            )
 
     @property
     def t_range(self) -> tuple[float, float]:
-        """The interval [lo, hi] to which sampled times are clipped."""
-        return max(float(self.path.t_min), self.t_eps), min(
-            float(self.path.t_max), 1.0 - self.t_eps
+        """[lo, hi] = [max(path.t_min, margin), min(path.t_max, 1 − margin)]: where times are drawn
+        (t = 0 noise, t = 1 data)."""
+        return max(float(self.path.t_min), self.margin), min(
+            float(self.path.t_max), 1.0 - self.margin
         )
 
-    def clip(self, t: Scalar) -> Float[Array, ""]:
-        lo, hi = self.t_range
-        return jnp.clip(t, lo, hi)
+    def _cdf_range(self):
+        dtype = jnp.result_type(float)
+        lo, hi = (jnp.asarray(v, dtype) for v in self.t_range)
+        cdf = self.time_sampler._cdf
+        return lo, hi, cdf(lo, self.path), cdf(hi, self.path)
+
+    def mass(self) -> Float[Array, ""]:
+        """Z = F(hi) − F(lo): the probability that π puts on ``t_range``; every sampled loss is multiplied by it,
+        so that E[loss] = ∫_lo^hi π(t)·c(t)·E‖ŷ − y‖² dt."""
+        _, _, f_lo, f_hi = self._cdf_range()
+        return f_hi - f_lo
+
+    def time_at(self, u: Scalar) -> Float[Array, ""]:
+        """The time drawn for u ∈ [0, 1]: t = F⁻¹(F(lo) + u·(F(hi) − F(lo))), the inverse CDF of π truncated to
+        ``t_range`` (t = 0 noise, t = 1 data). u ~ U(0, 1) gives t ~ π(t)/Z on [lo, hi]."""
+        return self._time_at(self._cdf_range(), u)
+
+    def _time_at(self, cdf_range, u):
+        lo, hi, f_lo, f_hi = cdf_range
+        t = self.time_sampler.icdf(f_lo + jnp.asarray(u) * (f_hi - f_lo), self.path)
+        return jnp.clip(t, lo, hi)  # rounding only: the probability mass is already inside [lo, hi]
 
     def weight(self, t: Scalar) -> Float[Array, ""]:
-        """c(t)."""
+        """c(t) at a user's time (checked)."""
+        return self._weight(check_time(t))
+
+    def _weight(self, t):
         return self.loss_weight(t, path=self.path, space=self.space, time_sampler=self.time_sampler)
 
 
@@ -591,14 +694,33 @@ def _check_fn_output(pred, x) -> None:
         )
 
 
+def _noise(key, x):
+    return jax.random.normal(key, jnp.shape(x), dtype=jnp.result_type(x, float))
+
+
 def draw(
     objective: Objective, key: PRNGKeyArray, x: Float[Array, "*shape"]
 ) -> tuple[Float[Array, ""], Float[Array, "*shape"]]:
-    """The (t, ε) that :func:`loss` uses for ``key``: t ~ π clipped to ``objective.t_range``, ε ~ N(0, I)."""
+    """The (t, ε) that :func:`loss` uses for ``key``: t = ``objective.time_at(u)``, u ~ U(0, 1) (π truncated to
+    ``objective.t_range``), ε ~ N(0, I). t = 0 is noise, t = 1 is data."""
     k_t, k_eps = jax.random.split(key)
-    t = objective.clip(objective.time_sampler.sample(k_t, objective.path))
-    eps = jax.random.normal(k_eps, jnp.shape(x), dtype=jnp.result_type(x, float))
-    return t, eps
+    u = jax.random.uniform(k_t, (), dtype=jnp.result_type(float))
+    return objective.time_at(u), _noise(k_eps, x)
+
+
+def _loss_at(objective: Objective, fn, x, t, eps):
+    """c(t)·‖ŷ − y‖² with no check of t (library times)."""
+    path = objective.path
+    coeffs = path.coefficients(t)
+    a, s, _, _ = coeffs
+    x_t = a * x + s * eps
+    pred = fn(t, x_t)
+    _check_fn_output(pred, x)
+    src, dst = objective.prediction, objective.space
+    if type(src) is not type(dst):
+        pred = convert_at(pred, src, dst, coeffs, x_t)
+    y = dst.target(*coeffs, x, eps)
+    return objective._weight(t) * jnp.sum(jnp.square(pred - y))
 
 
 def loss_at(
@@ -611,27 +733,26 @@ def loss_at(
     """The per-example loss at a given time and noise: c(t)·‖convert(fn(t, x_t)) − target‖², summed over dims.
 
     x_t = α_t·x + σ_t·ε (t = 0 noise, t = 1 data); ``fn(t, x_t)`` returns a prediction of kind
-    ``objective.prediction`` with the shape of x (else ``ValueError``).
+    ``objective.prediction`` with the shape of x (else ``ValueError``). ``t`` is validated (it is the user's).
+    This is the integrand: :func:`loss` is ``objective.mass()·loss_at`` at the drawn (t, ε), so
+    E[loss] = ∫_lo^hi π(t)·E[loss_at(t)] dt.
     """
-    path = objective.path
-    t = check_time(t)
-    x_t = interpolate(path, t, x, eps)
-    pred = fn(t, x_t)
-    _check_fn_output(pred, x)
-    if objective.prediction != objective.space:
-        pred = convert(pred, src=objective.prediction, dst=objective.space, path=path, t=t, x_t=x_t)
-    y = target(objective.space, path, t, x, eps)
-    return objective.weight(t) * jnp.sum(jnp.square(pred - y))
+    if jnp.shape(x) != jnp.shape(eps):
+        raise ValueError(
+            f"shape mismatch: x has shape {jnp.shape(x)} but eps has shape {jnp.shape(eps)} "
+            "(diffjax functions act on one example; use jax.vmap for batches)"
+        )
+    return _loss_at(objective, fn, x, check_time(t), eps)
 
 
 def loss(
     objective: Objective, fn, x: Float[Array, "*shape"], key: PRNGKeyArray
 ) -> Float[Array, ""]:
-    """A one-sample Monte Carlo estimate of the objective for ONE example x: draws (t, ε) from ``key``
-    (see :func:`draw`) and returns :func:`loss_at`. t = 0 is noise, t = 1 is data."""
-    with trusted_time():  # t is drawn and clipped into the path's range: no runtime check needed
-        t, eps = draw(objective, key, x)
-        return loss_at(objective, fn, x, t, eps)
+    """A one-sample Monte Carlo estimate of the objective for ONE example x: Z·:func:`loss_at` at the (t, ε) of
+    :func:`draw`, Z = ``objective.mass()``. Unbiased for ∫_lo^hi π(t)·c(t)·E‖ŷ − y‖² dt = ½∫ w(λ)·E‖ε̂ − ε‖² dλ
+    over [λ(lo), λ(hi)]. t = 0 is noise, t = 1 is data. No runtime check (the drawn t is valid)."""
+    t, eps = draw(objective, key, x)
+    return objective.mass() * _loss_at(objective, fn, x, t, eps)
 
 
 def batch_loss(
@@ -645,38 +766,40 @@ def batch_loss(
     """Mean over the batch of per-example losses with independent keys (``jax.vmap`` of :func:`loss`).
 
     With ``stratified=True`` the times are low-discrepancy (VDM): u_i = (u_0 + i/B) mod 1 with one u_0 ~ U(0, 1),
-    t_i = π⁻¹(u_i) through the sampler's exact inverse CDF. Each t_i is still marginally π, so the estimate stays
-    unbiased with lower variance.
+    t_i = ``objective.time_at(u_i)`` through the sampler's exact (truncated) inverse CDF. Each t_i is still
+    marginally π truncated to ``t_range`` and each loss carries Z, so the estimate stays unbiased with lower
+    variance. Pure: no host callback, so a jitted training step stays cacheable.
     """
     n = jnp.shape(xs)[0]
-    keys = jax.random.split(key, n)
     if not stratified:
+        keys = jax.random.split(key, n)
         return jnp.mean(jax.vmap(lambda x, k: loss(objective, fn, x, k))(xs, keys))
     k_u, k_eps = jax.random.split(key)
     dtype = jnp.result_type(float)
     u0 = jax.random.uniform(k_u, (), dtype=dtype)
     us = jnp.mod(u0 + jnp.arange(n, dtype=dtype) / n, 1.0)
     eps_keys = jax.random.split(k_eps, n)
+    cdf_range = objective._cdf_range()
+    mass = cdf_range[3] - cdf_range[2]
 
-    @trusted_time()
     def one(x, u, k):
-        t = objective.clip(objective.time_sampler.icdf(u, objective.path))
-        eps = jax.random.normal(k, jnp.shape(x), dtype=jnp.result_type(x, float))
-        return loss_at(objective, fn, x, t, eps)
+        t = objective._time_at(cdf_range, u)
+        return _loss_at(objective, fn, x, t, _noise(k, x))
 
-    return jnp.mean(jax.vmap(one)(xs, us, eps_keys))
+    return mass * jnp.mean(jax.vmap(one)(xs, us, eps_keys))
 
 
 def weighted_objective(
     path: AbstractPath,
-    prediction: str,
+    prediction: str | AbstractKind,
     weighting: AbstractWeighting,
     time_sampler: AbstractTimeSampler | None = None,
     *,
-    space: str | None = None,
-    t_eps: float = 1e-5,
+    space: str | AbstractKind | None = None,
+    margin: float = 1e-5,
 ) -> Objective:
-    """The Kingma–Gao triple (prediction, w(λ), π): an objective whose expectation is ½∫ w(λ)·E‖ε̂ − ε‖² dλ.
+    """The Kingma–Gao triple (prediction, w(λ), π): an objective whose expectation is ½∫ w(λ)·E‖ε̂ − ε‖² dλ
+    over [λ(lo), λ(hi)], (lo, hi) = ``t_range`` (t = 0 noise, t = 1 data).
 
     The error is taken in ``space`` (default: the prediction's own kind, which needs no conversion) with the
     factor c(t) = w(λ_t)·λ̇_t/(2π(t)κ_t²) (:class:`KingmaGaoWeight`). t ~ π defaults to U(0, 1).
@@ -684,10 +807,10 @@ def weighted_objective(
     return Objective(
         path,
         prediction,
-        space=prediction if space is None else space,
+        space=space,
         time_sampler=Uniform() if time_sampler is None else time_sampler,
         loss_weight=KingmaGaoWeight(weighting),
-        t_eps=t_eps,
+        margin=margin,
     )
 
 
@@ -701,7 +824,9 @@ class ImpliedWeighting(eqx.Module):
 
     ``weight(lam)`` = w(λ) = 2·c(t)·π(t)·κ²_space(t)/λ̇_t and ``density(lam)`` = p(λ) = π(t)/λ̇_t at
     t = path.t_from_log_snr(λ), for scalar λ (use ``jax.vmap`` for arrays). Both are 0 outside the λ range that
-    the objective samples, [λ(lo), λ(hi)] with (lo, hi) = ``objective.t_range``.
+    the objective samples, [λ(lo), λ(hi)] with (lo, hi) = ``objective.t_range``. The objective's expectation is
+    ½∫ w(λ)·E‖ε̂ − ε‖² dλ over that range. p is the untruncated sampler's density restricted to the range (it
+    integrates to Z = ``objective.mass()``); the drawn λ has density p/Z there and each sample carries Z.
     """
 
     objective: Objective
@@ -716,10 +841,10 @@ class ImpliedWeighting(eqx.Module):
         return t, inside
 
     def density(self, lam: Scalar) -> Float[Array, ""]:
-        """p(λ) = π(t_λ)/λ̇(t_λ): the density of λ_t under the objective's time sampler."""
+        """p(λ) = π(t_λ)/λ̇(t_λ): the density of λ_t under the objective's (untruncated) time sampler."""
         t, inside = self._t(lam)
         obj = self.objective
-        p = obj.time_sampler.density(t, obj.path) / obj.path.d_log_snr(t)
+        p = obj.time_sampler._density(t, obj.path) / obj.path.d_log_snr(t)
         return jnp.where(inside, p, 0.0)
 
     def weight(self, lam: Scalar) -> Float[Array, ""]:
@@ -729,9 +854,9 @@ class ImpliedWeighting(eqx.Module):
         path = obj.path
         w = (
             2.0
-            * obj.weight(t)
-            * obj.time_sampler.density(t, path)
-            * error_scale_sq(obj.space, path, t)
+            * obj._weight(t)
+            * obj.time_sampler._density(t, path)
+            * obj.space.error_scale_sq(*path.coefficients(t))
             / path.d_log_snr(t)
         )
         return jnp.where(inside, w, 0.0)
@@ -743,46 +868,67 @@ def implied_weighting(objective: Objective) -> ImpliedWeighting:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Published objectives, in their native form
+# Published objectives, in their native form. Each expectation is ½∫ w(λ)·E‖ε̂ − ε‖² dλ over [λ(lo), λ(hi)],
+# (lo, hi) = objective.t_range = [max(path.t_min, margin), min(path.t_max, 1 − margin)] (module docstring).
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def ddpm(path: AbstractPath | None = None, *, t_eps: float = 1e-5) -> Objective:
+def ddpm(path: AbstractPath | None = None, *, margin: float = 1e-5) -> Objective:
     """DDPM's L_simple (Ho et al. 2020) in continuous time: ‖ε̂ − ε‖², t ~ U(0, 1), default score_sde's VP path.
 
-    Implied w(λ) = 2·p(λ) (the path's λ density): sech(λ/2)/π on the cosine path, ¼sech²(λ/4) on the linear one.
+    Implied w(λ) = 2·p(λ) (the path's λ density): 2·sigmoid(−λ)/β(1 − t_λ) on the VP path, sech(λ/2)/π on the
+    cosine path, ¼sech²(λ/4) on the linear one.
     """
     return Objective(
-        VPPath() if path is None else path, "eps", "eps", Uniform(), ConstantWeight(), t_eps
+        VPPath() if path is None else path,
+        "eps",
+        "eps",
+        Uniform(),
+        ConstantWeight(),
+        margin=margin,
     )
 
 
-def elbo(
-    path: AbstractPath | None = None, prediction: str = "eps", *, t_eps: float = 1e-5
+def vdm(
+    path: AbstractPath | None = None,
+    prediction: str | AbstractKind = "eps",
+    *,
+    margin: float = 1e-5,
 ) -> Objective:
     """VDM's continuous-time diffusion loss (Kingma et al. 2021): ½·λ̇_t·‖ε̂ − ε‖², t ~ U(0, 1) (w = 1).
 
-    The expectation is ½∫_{λ(lo)}^{λ(hi)} E‖ε̂ − ε‖² dλ over the objective's clip range (lo, hi) = t_range: the
-    −ELBO minus prior and reconstruction terms. A path with finite λ ends (VP, VE, EDM, a VDM LogSNRPath) fixes
-    the bound; on the linear and cosine paths the ends are λ(t_eps), λ(1 − t_eps). Predictions of another kind
-    are converted to ε. Default path: VPPath().
+    The expectation is ½∫_{λ(lo)}^{λ(hi)} E‖ε̂ − ε‖² dλ over the objective's range (lo, hi) = t_range: the
+    diffusion term of the −ELBO (the −ELBO minus prior and reconstruction terms). This is the training loss; the
+    ELBO *estimator* with all three terms is ``diffjax.elbo`` (``diffjax.vlb``). A path with finite λ ends (VP,
+    VE, EDM, a VDM LogSNRPath) fixes the bound; on the linear and cosine paths the ends are λ(margin),
+    λ(1 − margin). Predictions of another kind are converted to ε. Default path: VPPath().
     """
     return Objective(
-        VPPath() if path is None else path, prediction, "eps", Uniform(), LogSNRRate(0.5), t_eps
+        VPPath() if path is None else path,
+        prediction,
+        "eps",
+        Uniform(),
+        LogSNRRate(0.5),
+        margin=margin,
     )
 
 
-def v_prediction(path: AbstractPath | None = None, *, t_eps: float = 1e-5) -> Objective:
+def v_prediction(path: AbstractPath | None = None, *, margin: float = 1e-5) -> Objective:
     """v-prediction MSE (Salimans & Ho 2022): ‖v̂ − v‖², v = α·ε − σ·x, t ~ U(0, 1), default cosine path.
 
     Implied w(λ) = (2/π)·e^{−λ/2} on the cosine path (identical in shape to flow matching).
     """
     return Objective(
-        CosinePath() if path is None else path, "v", "v", Uniform(), ConstantWeight(), t_eps
+        CosinePath() if path is None else path,
+        "v",
+        "v",
+        Uniform(),
+        ConstantWeight(),
+        margin=margin,
     )
 
 
-def flow_matching(path: AbstractPath | None = None, *, t_eps: float = 1e-5) -> Objective:
+def flow_matching(path: AbstractPath | None = None, *, margin: float = 1e-5) -> Objective:
     """Conditional flow matching (Lipman et al. 2023): L_CFM = ‖u_θ(t, x_t) − u_t(x_t|x)‖², t ~ U(0, 1),
     u_t(x_t|x) = α̇·x + σ̇·ε. Default: the linear (CondOT / rectified-flow) path, implied w(λ) = e^{−λ/2} exactly.
     """
@@ -792,25 +938,26 @@ def flow_matching(path: AbstractPath | None = None, *, t_eps: float = 1e-5) -> O
         "velocity",
         Uniform(),
         ConstantWeight(),
-        t_eps,
+        margin=margin,
     )
 
 
-def score_matching(path: AbstractPath | None = None, *, t_eps: float = 1e-5) -> Objective:
+def score_matching(path: AbstractPath | None = None, *, margin: float = 1e-5) -> Objective:
     """Conditional (denoising) score matching: L_CSM = ‖s_θ(t, x_t) − ∇log p_t(x_t|x)‖², t ~ U(0, 1),
     ∇log p_t(x_t|x) = −ε/σ_t. Default: VPPath().
 
     The target is singular where σ = 0 (t = 1 on paths that reach the data): the sampled times must stay below it,
-    through the path's t_max < 1 or t_eps > 0; otherwise ``ValueError``. Even then the variance grows like 1/σ²
-    near the data end: the implied w(λ) = 2p(λ)/σ²_{t(λ)} grows without bound (e^{λ/2} on the linear path).
+    through the path's t_max < 1 or margin > 0; otherwise ``ValueError``. Even then the variance grows like 1/σ²
+    near the data end: the implied w(λ) = 2p(λ)/σ²_{t(λ)} grows without bound (e^{λ/2} on the linear path,
+    2/β(1 − t_λ) on the VP path).
     """
     path = VPPath() if path is None else path
-    obj = Objective(path, "score", "score", Uniform(), ConstantWeight(), t_eps)
+    obj = Objective(path, "score", "score", Uniform(), ConstantWeight(), margin=margin)
     _, hi = obj.t_range
     if _is_concrete(*jax.tree_util.tree_leaves(path)) and float(path.sigma(hi)) <= 0.0:
         raise ValueError(
             f"score_matching: sigma_t = 0 at the largest sampled time t={hi} (the conditional score -eps/sigma "
-            "is singular there); use t_eps > 0 or a path with t_max < 1"
+            "is singular there); use margin > 0 or a path with t_max < 1"
         )
     return obj
 
@@ -821,14 +968,15 @@ def edm(
     p_mean: Scalar = -1.2,
     p_std: Scalar = 1.2,
     sigma_data: Scalar = 0.5,
-    t_eps: float = 1e-5,
+    margin: float = 1e-5,
 ) -> Objective:
     """EDM's training loss (Karras et al. 2022, ``training/loss.py``): λ(σ)·‖D(x_t; σ) − x‖², with
     ln σ ~ N(P_mean, P_std²) (i.e. λ = −2 ln σ ~ N(−2P_mean, (2P_std)²), truncated to the path's range) and
     λ(σ) = (σ² + σ_d²)/(σσ_d)². The network predicts the data (its preconditioning D is part of ``fn``).
 
     Default path: ``EDMPath()`` (σ ∈ [0.002, 80], α = 1); any path works with σ → σ/α. Implied weighting
-    8·N(λ; 2.4, 2.4²)·(e^{−λ} + 0.25) (up to the truncated mass, 1.3e-5 on the default path).
+    8·N(λ; 2.4, 2.4²)·(e^{−λ} + 0.25)/Z_path, Z_path the normal's mass on the path's λ range (1 − 1.3e-5 on the
+    default path).
     """
     return Objective(
         EDMPath() if path is None else path,
@@ -836,7 +984,7 @@ def edm(
         "data",
         LogSNRNormal(-2.0 * _float(p_mean), 2.0 * _float(p_std)),
         EDMWeight(sigma_data),
-        t_eps,
+        margin=margin,
     )
 
 
@@ -848,14 +996,15 @@ def sd3(
     mean: Scalar = 0.0,
     std: Scalar = 1.0,
     mode_scale: Scalar = 1.29,
-    t_eps: float = 1e-5,
+    margin: float = 1e-5,
 ) -> Objective:
     """Stable Diffusion 3's rectified-flow loss (Esser et al. 2024): ‖û − u‖² with t from SD3's samplers.
 
     SD3's network predicts v_Θ ≈ ε − x = −u in its time τ = 1 − t; the loss ‖v_Θ − (ε − x)‖² equals the velocity
     MSE here. ``sampler``: "logit_normal" (:class:`LogitNormal` (mean, std), SD3's default 0, 1), "mode"
     (:class:`ModeSampler` (mode_scale)), "cosmap" (:class:`CosMap`) or "uniform". ``shift`` ≠ 1 wraps the sampler
-    in :class:`Shifted` (SD3 uses 3.0 at 1024²). Default path: linear. Implied w(λ) = e^{−λ/2}·π_SD3(τ(λ)).
+    in :class:`Shifted` (SD3 uses 3.0 at 1024²). Default path: linear. Implied w(λ) = e^{−λ/2}·π(t_λ) on it, with
+    π the (shifted) sampler's density and t_λ = sigmoid(λ/2).
     """
     if sampler == "logit_normal":
         ts: AbstractTimeSampler = LogitNormal(mean, std)
@@ -877,7 +1026,7 @@ def sd3(
         "velocity",
         ts,
         ConstantWeight(),
-        t_eps,
+        margin=margin,
     )
 
 
@@ -885,9 +1034,9 @@ def sigmoid(
     path: AbstractPath | None = None,
     bias: Scalar = 2.0,
     *,
-    prediction: str = "eps",
+    prediction: str | AbstractKind = "eps",
     time_sampler: AbstractTimeSampler | None = None,
-    t_eps: float = 1e-5,
+    margin: float = 1e-5,
 ) -> Objective:
     """Kingma & Gao's sigmoid-weighted loss: ½·sigmoid(b − λ)·λ̇/π(t)·‖ε̂ − ε‖² (w(λ) = sigmoid(b − λ)).
 
@@ -900,7 +1049,7 @@ def sigmoid(
         "eps",
         Uniform() if time_sampler is None else time_sampler,
         KingmaGaoWeight(SigmoidWeighting(bias)),
-        t_eps,
+        margin=margin,
     )
 
 
@@ -908,8 +1057,8 @@ def min_snr(
     path: AbstractPath | None = None,
     gamma: Scalar = 5.0,
     *,
-    prediction: str = "eps",
-    t_eps: float = 1e-5,
+    prediction: str | AbstractKind = "eps",
+    margin: float = 1e-5,
 ) -> Objective:
     """Min-SNR-γ weighting (Hang et al. 2023): min(SNR, γ)·‖x̂ − x‖², written in the prediction's own space
     (ε: min(SNR, γ)/SNR·‖ε̂ − ε‖²), t ~ U(0, 1). Default path: cosine; on it w(λ) = sech(λ/2)·min(1, γe^{−λ})/π.
@@ -920,5 +1069,5 @@ def min_snr(
         prediction,
         Uniform(),
         MinSNR(gamma),
-        t_eps,
+        margin=margin,
     )

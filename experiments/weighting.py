@@ -33,7 +33,7 @@ from diffjax.paths import CosinePath, EDMPath, LinearPath  # noqa: E402
 def objectives():
     # EDM on a path wide enough to cover the plotted λ range (EDMPath() stops at λ ∈ [−8.76, 12.43]).
     return {
-        "ELBO (w = 1)": L.elbo(LinearPath()),
+        "VDM loss (w = 1)": L.vdm(LinearPath()),
         "ε-MSE, cosine (DDPM/IDDPM)": L.ddpm(CosinePath()),
         "ε-MSE, CondOT": L.ddpm(LinearPath()),
         "v-MSE, cosine (= FM shape)": L.v_prediction(CosinePath()),
