@@ -42,12 +42,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import checkpoint as ckpt, data as data_lib, losses, nn, paths, train
+from . import checkpoint as ckpt, data as data_lib, losses, nn, paths, solve, train
 from .fields import integration_interval, velocity_field
 from .likelihood import bits_per_dim, log_likelihood_with_stats
 from .sampling import sample_ode
@@ -390,14 +391,14 @@ class NoCheckpointError(ValueError):
 
 
 class NonFiniteError(RuntimeError):
-    """A result holds NaN/inf (with equinox's ``nan`` error mode, a failed runtime check shows up this way)."""
+    """A result holds NaN/inf, or a solve failed (its message says which and how to fix it)."""
 
 
 def _check_finite(values, what: str) -> None:
     if not np.all(np.isfinite(np.asarray(values, dtype=np.float64))):
         raise NonFiniteError(
-            f"{what} contain NaN/inf. A runtime check may have failed (t outside [0, 1], the ODE solver's "
-            "max_steps, a singular field); rerun with EQX_ON_ERROR=raise (or --cache-dir off) to see its message"
+            f"{what} contain NaN/inf: a solve failed (the ODE solver's max_steps, or a field that is singular "
+            "on [t0, t1]) or training diverged"
         )
 
 
@@ -472,6 +473,26 @@ def restore(workdir):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _check_same_config(workdir: str, config: ExperimentConfig) -> None:
+    """Refuse to train into a workdir whose checkpoints come from another config (all but ``steps``); then
+    write ``experiment.json``."""
+    exp_file = os.path.join(workdir, EXPERIMENT_FILE)
+    if os.path.exists(exp_file):
+        with open(exp_file) as f:
+            old = ExperimentConfig.from_dict(json.load(f))
+        diff = {
+            k: (v, config.to_dict()[k])
+            for k, v in old.to_dict().items()
+            if k != "steps" and v != config.to_dict()[k]
+        }
+        if diff and has_checkpoint(workdir):
+            items = "; ".join(f"{k}: workdir={a!r} vs now={b!r}" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"{workdir} holds a run with another config ({items}); use a new --workdir or the same flags"
+            )
+    _write_json(exp_file, config.to_dict())
+
+
 def run_train(
     config: ExperimentConfig,
     workdir,
@@ -497,21 +518,7 @@ def run_train(
     workdir = os.path.abspath(os.fspath(workdir))
     config = config.resolved()
     os.makedirs(workdir, exist_ok=True)
-    exp_file = os.path.join(workdir, EXPERIMENT_FILE)
-    if os.path.exists(exp_file):
-        with open(exp_file) as f:
-            old = ExperimentConfig.from_dict(json.load(f))
-        diff = {
-            k: (v, config.to_dict()[k])
-            for k, v in old.to_dict().items()
-            if k != "steps" and v != config.to_dict()[k]
-        }
-        if diff and has_checkpoint(workdir):
-            items = "; ".join(f"{k}: workdir={a!r} vs now={b!r}" for k, (a, b) in diff.items())
-            raise ValueError(
-                f"{workdir} holds a run with another config ({items}); use a new --workdir or the same flags"
-            )
-    _write_json(exp_file, config.to_dict())
+    _check_same_config(workdir, config)
 
     apply, params, objective, _ = build_model(config)
     tc = config.train_config()
@@ -550,7 +557,7 @@ def run_train(
         "data": config.data,
         "objective": config.objective,
         "path": config.path_name,
-        "prediction": objective.prediction,
+        "prediction": objective.prediction.name,
         "start_step": start_step,
         "step": step,
         "steps_run": ran,
@@ -592,15 +599,15 @@ def _latest_step(workdir: str) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _interval(path: paths.AbstractPath, kind: str) -> tuple[float, float, float]:
-    """(t0, t1, t_eps) of the ODE for a ``kind`` model (``diffjax.fields.integration_interval``).
+def _interval(path: paths.AbstractPath, kind) -> tuple[float, float]:
+    """(t0, t1) of the ODE for a ``kind`` model (``diffjax.fields.integration_interval``), shared by sampling
+    and likelihood.
 
     ε/score models convert to a velocity with a division by α, data models with a division by σ: on the linear
-    and cosine paths (α = 0 at t = 0, σ = 0 at t = 1) those ends move in by 1e-3. ``t_eps`` = 1 − t1 for the
-    likelihood, so that sampling and likelihood share one interval.
+    and cosine paths (α = 0 at t = 0, σ = 0 at t = 1) those ends move in by 1e-3.
     """
     t0, t1 = (float(v) for v in integration_interval(path, kind))
-    return t0, t1, 1.0 - t1
+    return t0, t1
 
 
 def _chunks(n: int, chunk: int):
@@ -612,6 +619,32 @@ def _bar(total: int, desc: str, progress: bool, unit: str = "sample"):
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     return tqdm(total=total, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
+
+
+def _sample_chunks(sample_chunk, params, keys, chunk, num_trajectories, progress):
+    """Run ``sample_chunk`` over ``keys`` in chunks of one compiled shape; check each solve's status on the host.
+
+    Returns (samples per chunk, trajectories up to ``num_trajectories``, NFE per chunk, seconds to the first
+    chunk)."""
+    n = keys.shape[0]
+    out, trajs, nfes = [], [], []
+    tic = time.perf_counter()
+    first = None
+    with _bar(n, "sample", progress) as bar:
+        for i, m in _chunks(n, chunk):
+            k = keys[i : i + m]
+            if m < chunk:  # pad to one compiled shape
+                k = jnp.concatenate([k, keys[:1].repeat(chunk - m, 0)])
+            r = sample_chunk(params, k)
+            solve.raise_if_failed(np.asarray(r.status)[:m], dict(r.messages))
+            out.append(np.asarray(r.samples)[:m])
+            if first is None:
+                first = time.perf_counter() - tic
+            if sum(len(t) for t in trajs) < num_trajectories:
+                trajs.append(np.asarray(r.trajectory)[:m])
+            nfes.append(np.asarray(r.nfe)[:m])
+            bar.update(m)
+    return out, trajs, nfes, first
 
 
 def run_sample(
@@ -640,7 +673,7 @@ def run_sample(
     workdir = os.path.abspath(os.fspath(workdir))
     config, apply, ema, objective, path, step = restore(workdir)
     kind = objective.prediction
-    t0, t1, _ = _interval(path, kind)
+    t0, t1 = _interval(path, kind)
     shape = config.shape
     chunk = chunk or (64 if config.is_image else 500)
     chunk = min(chunk, n)
@@ -648,43 +681,17 @@ def run_sample(
 
     @jax.jit
     def sample_chunk(params, keys):
-        u = velocity_field(lambda t, x: apply(params, t, x), kind, path)
-
-        def one(k):
-            r = sample_ode(
-                u,
-                path,
-                k,
-                shape=shape,
-                t0=t0,
-                t1=t1,
-                rtol=rtol,
-                atol=atol,
-                num_steps=num_steps,
-                save_ts=save_ts,
-            )
-            return r.samples, r.trajectory, r.nfe
-
-        return jax.vmap(one)(keys)
+        u = velocity_field(eqx.Partial(apply, params), kind, path)
+        kw = dict(
+            shape=shape, t0=t0, t1=t1, rtol=rtol, atol=atol, num_steps=num_steps, save_ts=save_ts
+        )
+        return jax.vmap(lambda k: sample_ode(u, path, k, throw=False, **kw))(keys)
 
     keys = jax.random.split(jax.random.key(seed), n)
-    out, trajs, nfes = [], [], []
     tic = time.perf_counter()
-    first = None
-    with _bar(n, "sample", progress) as bar:
-        for i, m in _chunks(n, chunk):
-            k = keys[i : i + m]
-            if m < chunk:  # pad to one compiled shape
-                k = jnp.concatenate([k, keys[:1].repeat(chunk - m, 0)])
-            s, tr, nfe = sample_chunk(ema, k)
-            s = np.asarray(s)[:m]
-            if first is None:
-                first = time.perf_counter() - tic
-            out.append(s)
-            if sum(len(t) for t in trajs) < num_trajectories:
-                trajs.append(np.asarray(tr)[:m])
-            nfes.append(np.asarray(nfe)[:m])
-            bar.update(m)
+    out, trajs, nfes, first = _sample_chunks(
+        sample_chunk, ema, keys, chunk, num_trajectories, progress
+    )
     wall = time.perf_counter() - tic
     samples = np.concatenate(out)
     traj = np.concatenate(trajs)[:num_trajectories]
@@ -735,6 +742,28 @@ def run_sample(
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _likelihood_chunks(eval_chunk, params, xs, keys, chunk, is_image, progress):
+    """Run ``eval_chunk`` over (xs, keys) in chunks of one compiled shape; check each solve's status on the
+    host (bits/dim report a failed solve as NaN). Returns (values per chunk, NFE per chunk)."""
+    total = len(xs)
+    vals, nfes = [], []
+    with _bar(total, "likelihood", progress) as bar:
+        for i, m in _chunks(total, chunk):
+            xb, kb = xs[i : i + m], keys[i : i + m]
+            if m < chunk:
+                xb = jnp.concatenate([xb, xb[:1].repeat(chunk - m, 0)])
+                kb = jnp.concatenate([kb, kb[:1].repeat(chunk - m, 0)])
+            out = eval_chunk(params, xb, kb)
+            if is_image:
+                vals.append(np.asarray(out)[:m])
+            else:
+                solve.raise_if_failed(np.asarray(out.status)[:m], dict(out.messages))
+                vals.append(np.asarray(out.log_prob)[:m])
+                nfes.append(np.asarray(out.nfe)[:m])
+            bar.update(m)
+    return vals, nfes
+
+
 def run_likelihood(
     workdir,
     data: str | None = None,
@@ -752,7 +781,7 @@ def run_likelihood(
     2-D data: mean NLL in nats of ``n`` held-out points (``diffjax.likelihood.log_likelihood_with_stats``,
     ``trace="exact"``: log p_{t1}(x) = log p_{t0}(X_{t0}) − ∫ ∇·u dt, t = 0 noise, t = 1 data). Digits: bits/dim
     of the first ``n`` test images with one uniform dequantization each, with the 17-level convention of
-    ``diffjax.data`` (y = 2(k + u)/17 − 1; ``diffjax.likelihood.bits_per_dim(n_levels=17)``). Paths that stop
+    ``diffjax.data`` (y = 2(k + u)/17 − 1; ``diffjax.likelihood.bits_per_dim(num_levels=17)``). Paths that stop
     before clean data (VP: t1 = 1 − 1e-5; VE/EDM: σ_{t1} > 0; data models on the linear and cosine paths:
     t1 = 1 − 1e-3, see :func:`diffjax.fields.integration_interval`) give the density of the slightly perturbed data
     (no endpoint correction). Writes the ``likelihood`` section of ``metrics.json``.
@@ -767,18 +796,20 @@ def run_likelihood(
             f"(different shape)"
         )
     kind = objective.prediction
-    t0, t1, t_eps = _interval(path, kind)
-    ll_kwargs = dict(rtol=rtol, atol=atol, num_steps=num_steps, t0=t0, t_eps=t_eps)
+    t0, t1 = _interval(path, kind)
+    ll_kwargs = dict(
+        solver="tsit5", rtol=rtol, atol=atol, num_steps=num_steps, t0=t0, t1=t1, throw=False
+    )
     if config.is_image:
         xs = held_out("digits", n)
         chunk = min(chunk or 50, len(xs))
 
         @jax.jit
         def eval_chunk(params, ks, keys):
-            u = velocity_field(lambda t, x: apply(params, t, x), kind, path)
+            u = velocity_field(eqx.Partial(apply, params), kind, path)
             return jax.vmap(
                 lambda k, key: bits_per_dim(
-                    u, path, k, key=key, n_levels=data_lib.DIGITS_LEVELS, **ll_kwargs
+                    u, path, k, key=key, num_levels=data_lib.DIGITS_LEVELS, **ll_kwargs
                 )
             )(ks, keys)
 
@@ -788,27 +819,13 @@ def run_likelihood(
 
         @jax.jit
         def eval_chunk(params, xb, keys):
-            u = velocity_field(lambda t, x: apply(params, t, x), kind, path)
-            res = jax.vmap(lambda x: log_likelihood_with_stats(u, path, x, **ll_kwargs))(xb)
-            return res.log_prob, res.nfe
+            u = velocity_field(eqx.Partial(apply, params), kind, path)
+            return jax.vmap(lambda x: log_likelihood_with_stats(u, path, x, **ll_kwargs))(xb)
 
     total = len(xs)
     keys = jax.random.split(jax.random.key(seed), total)
-    vals, nfes = [], []
     tic = time.perf_counter()
-    with _bar(total, "likelihood", progress) as bar:
-        for i, m in _chunks(total, chunk):
-            xb, kb = xs[i : i + m], keys[i : i + m]
-            if m < chunk:
-                xb = jnp.concatenate([xb, xb[:1].repeat(chunk - m, 0)])
-                kb = jnp.concatenate([kb, kb[:1].repeat(chunk - m, 0)])
-            out = eval_chunk(ema, xb, kb)
-            if config.is_image:
-                vals.append(np.asarray(out)[:m])
-            else:
-                vals.append(np.asarray(out[0])[:m])
-                nfes.append(np.asarray(out[1])[:m])
-            bar.update(m)
+    vals, nfes = _likelihood_chunks(eval_chunk, ema, xs, keys, chunk, config.is_image, progress)
     wall = time.perf_counter() - tic
     v = np.concatenate(vals).astype(np.float64)
     _check_finite(v, "the log-likelihoods" if not config.is_image else "the bits/dim")
@@ -825,7 +842,7 @@ def run_likelihood(
         "rtol": rtol,
         "atol": atol,
         "t0": t0,
-        "t1": float(1.0 - t_eps),
+        "t1": t1,
         "likelihood_wall_s": wall,
     }
     if config.is_image:
