@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -70,7 +71,22 @@ class AbstractField(eqx.Module):
     def __call__(self, t: Float[Array, ""], x: Float[Array, "*shape"]) -> Float[Array, "*shape"]: ...
 
 
-class VelocityField(AbstractField):
+class _ConvertedField(AbstractField):
+    """``model`` (predicting ``kind`` on ``path``) converted exactly to the kind ``output`` of the field."""
+
+    model: Model
+    kind: AbstractKind
+    path: AbstractPath
+    output: ClassVar[AbstractKind]
+
+    def __call__(self, t, x):
+        pred = self.model(t, x)
+        if type(self.kind) is type(self.output):
+            return pred
+        return convert_at(pred, self.kind, self.output, self.path.coefficients(t), x)
+
+
+class VelocityField(_ConvertedField):
     """The probability-flow velocity u_t(x) of a ``model`` predicting ``kind`` on ``path``.
 
     u = convert(model(t, x), src=kind, dst=velocity) exactly; singular only where the conversion is: ε- and
@@ -78,29 +94,13 @@ class VelocityField(AbstractField):
     :func:`integration_interval` gives where to integrate). t = 0 is noise, t = 1 is data.
     """
 
-    model: Model
-    kind: AbstractKind
-    path: AbstractPath
-
-    def __call__(self, t, x):
-        pred = self.model(t, x)
-        if isinstance(self.kind, Velocity):
-            return pred
-        return convert_at(pred, self.kind, Velocity(), self.path.coefficients(t), x)
+    output: ClassVar[AbstractKind] = Velocity()
 
 
-class ScoreField(AbstractField):
+class ScoreField(_ConvertedField):
     """The score ∇log p_t(x) of a ``model`` predicting ``kind`` on ``path`` (exact conversion; ŝ = −ε̂/σ)."""
 
-    model: Model
-    kind: AbstractKind
-    path: AbstractPath
-
-    def __call__(self, t, x):
-        pred = self.model(t, x)
-        if isinstance(self.kind, Score):
-            return pred
-        return convert_at(pred, self.kind, Score(), self.path.coefficients(t), x)
+    output: ClassVar[AbstractKind] = Score()
 
 
 def _check_model(fn, name="fn"):
