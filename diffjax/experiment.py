@@ -35,6 +35,7 @@ name        loss                                                       path     
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -621,13 +622,12 @@ def _bar(total: int, desc: str, progress: bool, unit: str = "sample"):
     return tqdm(total=total, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
 
 
-def _sample_chunks(sample_chunk, params, keys, chunk, num_trajectories, progress):
+def _sample_chunks(sample_chunk, params, keys, chunk, progress):
     """Run ``sample_chunk`` over ``keys`` in chunks of one compiled shape; check each solve's status on the host.
 
-    Returns (samples per chunk, trajectories up to ``num_trajectories``, NFE per chunk, seconds to the first
-    chunk)."""
+    Returns (samples per chunk, NFE per chunk, seconds to the first chunk)."""
     n = keys.shape[0]
-    out, trajs, nfes = [], [], []
+    out, nfes = [], []
     tic = time.perf_counter()
     first = None
     with _bar(n, "sample", progress) as bar:
@@ -640,11 +640,9 @@ def _sample_chunks(sample_chunk, params, keys, chunk, num_trajectories, progress
             out.append(np.asarray(r.samples)[:m])
             if first is None:
                 first = time.perf_counter() - tic
-            if sum(len(t) for t in trajs) < num_trajectories:
-                trajs.append(np.asarray(r.trajectory)[:m])
             nfes.append(np.asarray(r.nfe)[:m])
             bar.update(m)
-    return out, trajs, nfes, first
+    return out, nfes, first
 
 
 def run_sample(
@@ -679,20 +677,22 @@ def run_sample(
     chunk = min(chunk, n)
     save_ts = jnp.linspace(t0, t1, 21)
 
-    @jax.jit
-    def sample_chunk(params, keys):
+    kw = dict(shape=shape, t0=t0, t1=t1, rtol=rtol, atol=atol, num_steps=num_steps, throw=False)
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def sample_chunk(params, keys, with_trajectory=False):
+        # diffrax checks SaveAt(ts) with a host callback, which keeps a program out of the persistent
+        # cache: the samples come from a program without it, the plotted trajectories from a second one
         u = velocity_field(eqx.Partial(apply, params), kind, path)
-        kw = dict(
-            shape=shape, t0=t0, t1=t1, rtol=rtol, atol=atol, num_steps=num_steps, save_ts=save_ts
-        )
-        return jax.vmap(lambda k: sample_ode(u, path, k, throw=False, **kw))(keys)
+        extra = dict(save_ts=save_ts) if with_trajectory else {}
+        return jax.vmap(lambda k: sample_ode(u, path, k, **kw, **extra))(keys)
 
     keys = jax.random.split(jax.random.key(seed), n)
     tic = time.perf_counter()
-    out, trajs, nfes, first = _sample_chunks(
-        sample_chunk, ema, keys, chunk, num_trajectories, progress
-    )
+    out, nfes, first = _sample_chunks(sample_chunk, ema, keys, chunk, progress)
     wall = time.perf_counter() - tic
+    traj_keys = keys[: min(num_trajectories, n)]
+    trajs = [np.asarray(sample_chunk(ema, traj_keys, True).trajectory)]
     samples = np.concatenate(out)
     traj = np.concatenate(trajs)[:num_trajectories]
     nfe = np.concatenate(nfes)
