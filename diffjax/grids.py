@@ -27,12 +27,18 @@ LOG_SNR_MAX = 40.0
 
 
 def _finite_log_snr_range(path: AbstractPath, t0, t1):
-    """(λ(t0), λ(t1)) with an infinite end replaced by λ at t0 + δ / t1 − δ (δ = LOG_SNR_CLIP_FRACTION·(t1−t0))."""
+    """(λ(t0), λ(t1)) with an infinite end replaced by λ at t0 + δ / t1 − δ (δ = LOG_SNR_CLIP_FRACTION·(t1−t0)).
+
+    Which end is infinite is decided without gradient and λ is evaluated only at the chosen point, so no NaN
+    from the infinite end reaches a gradient with respect to t0, t1 or the path's parameters.
+    """
     delta = LOG_SNR_CLIP_FRACTION * (t1 - t0)
-    lam0, lam1 = path.log_snr(t0), path.log_snr(t1)
-    lam0 = jnp.where(jnp.abs(lam0) <= LOG_SNR_MAX, lam0, path.log_snr(t0 + delta))
-    lam1 = jnp.where(jnp.abs(lam1) <= LOG_SNR_MAX, lam1, path.log_snr(t1 - delta))
-    return lam0, lam1
+
+    def end(t, t_in):
+        raw = jax.lax.stop_gradient(path.log_snr(t))
+        return path.log_snr(jnp.where(jnp.abs(raw) <= LOG_SNR_MAX, t, t_in))
+
+    return end(t0, t0 + delta), end(t1, t1 - delta)
 
 
 def time_grid(

@@ -623,11 +623,26 @@ class LogSNRPath(AbstractPath):
         t_in = jnp.where(t < 0.5, t + delta, t - delta)
         return self._dlam(jnp.where(bad, t_in, t))
 
+    def _lam_finite(self, t):
+        """(λ at t where it is finite, else at t = ½; where λ(t) = ±∞).
+
+        α = √sigmoid(λ) and σ = √sigmoid(−λ) take their limits 0 or 1 at an infinite end, whose gradient with
+        respect to the schedule's parameters is 0; evaluating λ there would give 0·∞ = NaN in the chain rule
+        (∂λ/∂params is infinite at that end). The end is found without gradient, λ is evaluated at a finite
+        point instead, and its cotangent is masked.
+        """
+        raw = jax.lax.stop_gradient(self._lam(t))
+        bad = jnp.logical_not(jnp.isfinite(raw))
+        lam = self._lam(jnp.where(bad, jnp.asarray(0.5, t.dtype), t))
+        return lam, bad, raw
+
     def _alpha(self, t):
-        return jnp.exp(0.5 * jax.nn.log_sigmoid(self._lam(t)))
+        lam, bad, raw = self._lam_finite(t)
+        return jnp.where(bad, (raw > 0).astype(lam.dtype), jnp.exp(0.5 * jax.nn.log_sigmoid(lam)))
 
     def _sigma(self, t):
-        return jnp.exp(0.5 * jax.nn.log_sigmoid(-self._lam(t)))
+        lam, bad, raw = self._lam_finite(t)
+        return jnp.where(bad, (raw < 0).astype(lam.dtype), jnp.exp(0.5 * jax.nn.log_sigmoid(-lam)))
 
     @staticmethod
     def _d_alpha_from(lam, dlam):

@@ -25,8 +25,9 @@ Where a closed form is known the case also carries it (``exact``), e.g. t_from_l
 LogSNRPath λ(t) = a·logit(t) + b, whose inverse is t = sigmoid((λ − b)/a): dt/dλ = 1/λ̇(t) and
 dt/d(a, b) = −(∂λ/∂(a, b))/λ̇(t), a gradient that used to be silently zero.
 
-Two cases are strict xfails for library bugs this table found (NaN gradients of a LogSNRPath at an end where
-λ = ±∞, and of time_grid's λ-grids there); they fail loudly once fixed, and then lose their mark.
+Two cases guard library bugs this table found (NaN gradients of a LogSNRPath at an end where λ = ±∞, and of
+time_grid's λ-grids there; both fixed by evaluating λ only at finite points, the infinite end chosen without
+gradient).
 """
 
 from __future__ import annotations
@@ -513,17 +514,6 @@ def _normal_case():
     return Case("normal_prior-log_prob-wrt_scale_x", build)
 
 
-# Known library bugs, found by this table: strict xfails, so that each turns into a failure once it is fixed.
-_BUG_LOGSNR_ENDS = (
-    "LogSNRPath.alpha/sigma (and coefficients) at an end where λ = ±∞ have a NaN gradient w.r.t. the "
-    "schedule parameters (0·∞ in exp(½·log_sigmoid(λ)) with ∂λ/∂p = ±∞); the true gradient is 0"
-)
-_BUG_GRID = (
-    "grids._finite_log_snr_range: jnp.where(|λ(t0)| <= LOG_SNR_MAX, λ(t0), λ(t0 + δ)) back-propagates "
-    "0·∂λ(t0)/∂p = 0·∞ = NaN from the unselected infinite branch"
-)
-
-
 def _logsnr_ends_case():
     """α and σ at both ends of λ(t) = a·logit(t) + b (λ = ∓∞ there): the values 0 and 1 for every (a, b), so
     the gradient w.r.t. (a, b) is 0."""
@@ -537,7 +527,6 @@ def _logsnr_ends_case():
         "path-logsnr_logit-infinite_ends-wrt_params",
         lambda: (f, np.array(p0)),
         eager=False,
-        xfail=_BUG_LOGSNR_ENDS,
     )
 
 
@@ -546,7 +535,7 @@ MISC_CASES = [
     _divergence_case(),
     _normal_case(),
     _time_grid_case("vp", "log_snr"),
-    _time_grid_case("logsnr_logit", "log_snr", xfail=_BUG_GRID),
+    _time_grid_case("logsnr_logit", "log_snr"),
     _logsnr_ends_case(),
 ]
 
