@@ -63,8 +63,7 @@ def test_new_parameters_do_not_recompile():
     )
     for run in (
         lambda u: dj.sample_ode(u, path, key, shape=(2,), num_steps=4).samples,
-        lambda u: dj.sample_ode(u, path, key, shape=(2,), log_prob=True).log_prob,
-        lambda u: dj.log_likelihood(u, path, jnp.ones(2)),
+        lambda u: dj.log_likelihood(u, path, jnp.ones(2), num_steps=4),
         lambda u: dj.sample_sde(u, u, path, key, shape=(2,), num_steps=4).samples,
     ):
         first = run(field(0))

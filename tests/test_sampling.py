@@ -379,8 +379,11 @@ def test_fixed_step_convergence_orders():
         )(x0)
         return float(jnp.max(jnp.abs(r.samples - ref))), int(r.nfe[0])
 
-    for solver, order, per_step in [("euler", 1, 1), ("heun", 2, 2)]:
-        ns = [128, 256, 512, 1024]
+    # Euler reaches its asymptotic rate only beyond ~200 steps here; Heun already at 32
+    for solver, order, per_step, ns in [
+        ("euler", 1, 1, [256, 512, 1024]),
+        ("heun", 2, 2, [32, 64, 128]),
+    ]:
         out = [err(solver, n) for n in ns]
         errs = np.array([e for e, _ in out])
         assert [f for _, f in out] == [per_step * n for n in ns]
@@ -499,22 +502,8 @@ def test_jit_and_vmap_match_eager():
             np.testing.assert_allclose(b, a, rtol=1e-7, atol=1e-9)
 
 
-def test_grad_matches_finite_differences():
-    gm = mixture()
-    path = dj.LinearPath()
-    u, s = gm.model("velocity", path), gm.model("score", path)
-    x0 = jnp.array([0.3, -0.2])
-    k = jax.random.PRNGKey(0)
-    fns = [
-        lambda x: jnp.sum(sample_ode(u, path, k, x0=x, rtol=1e-10, atol=1e-10).samples ** 2),
-        lambda x: sample_ode(u, path, k, x0=x, num_steps=30, log_prob=True).log_prob,
-        lambda x: jnp.sum(sample_sde(u, s, path, k, x0=x, num_steps=30).samples ** 2),
-    ]
-    for f in fns:
-        g = jax.grad(f)(x0)
-        eps = 1e-5
-        fd = [(f(x0.at[i].add(eps)) - f(x0.at[i].add(-eps))) / (2 * eps) for i in range(2)]
-        np.testing.assert_allclose(g, np.array(fd), rtol=1e-4, atol=1e-6)
+# Gradients of sample_ode (adaptive and fixed, with log_prob) and sample_sde against finite differences are in
+# tests/test_gradients.py, with the other public functions.
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -599,8 +588,9 @@ def test_data_model_on_linear_path_samples_on_its_interval():
     u = dj.velocity_field(gm.model("data", path), "data", path)
     k = jax.random.PRNGKey(3)
     # over [0, 1] the field is 0/0 at t = 1: a clear solver error, not a misleading time error or NaNs
+    # (the ends are probed whatever the step budget: a small one keeps the failing solve short)
     with pytest.raises(RUNTIME_ERRORS, match="NaN/inf at an end"):
-        jax.block_until_ready(sample_ode(u, path, k, shape=(2,)).samples)
+        jax.block_until_ready(sample_ode(u, path, k, shape=(2,), max_steps=64).samples)
     t0, t1 = dj.integration_interval(path, "data")
     keys = jax.random.split(jax.random.PRNGKey(0), 1000)
     xs = jax.jit(jax.vmap(lambda k: sample_ode(u, path, k, shape=(2,), t0=t0, t1=t1).samples))(keys)
