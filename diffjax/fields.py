@@ -231,8 +231,9 @@ class ExactTrace(AbstractTrace):
     """The exact trace Σ_i e_iᵀ(∂f/∂x)e_i: one linearisation of f, then D forward-mode JVPs.
 
     The JVPs run ``chunk_size`` at a time (default: as many as fit in ``EXACT_TRACE_BUDGET`` = 65,536 floats,
-    at least one), each against a one-hot vector built inside the loop and reduced at once to its diagonal
-    entry, so the extra memory is chunk × D floats: O(D) per example, no D × D identity or Jacobian.
+    at least one). When all D fit (D² ≤ the budget) they run as one batch against the identity; otherwise each
+    runs against a one-hot vector built inside the loop and is reduced at once to its diagonal entry, so the
+    extra memory is at most max(chunk × D, budget) floats: O(D) per example, no D × D identity or Jacobian.
     """
 
     chunk_size: int | None = eqx.field(static=True, default=None)
@@ -249,12 +250,13 @@ class ExactTrace(AbstractTrace):
         chunk = self.chunk_size or max(1, EXACT_TRACE_BUDGET // max(d, 1))
         chunk = min(chunk, d)
 
+        if chunk >= d:  # all D columns at once: D² <= max(D, budget) floats
+            return y.reshape(shape), jnp.trace(jax.vmap(lin)(jnp.eye(d, dtype=x.dtype)))
+
         def diag(i):
             return lin(jax.nn.one_hot(i, d, dtype=x.dtype))[i]
 
-        idx = jnp.arange(d)
-        entries = jax.vmap(diag)(idx) if chunk >= d else jax.lax.map(diag, idx, batch_size=chunk)
-        return y.reshape(shape), jnp.sum(entries)
+        return y.reshape(shape), jnp.sum(jax.lax.map(diag, jnp.arange(d), batch_size=chunk))
 
 
 class Hutchinson(AbstractTrace):

@@ -90,7 +90,7 @@ class LikelihoodResult(eqx.Module):
         nfe: evaluations of the augmented field [u, ∇·u] made by the solver (each one is one linearisation of u
             plus D JVPs for the exact trace, or ``num_probes`` JVPs for Hutchinson). Exact for explicit
             Runge–Kutta solvers ((stages − FSAL)·num_steps + FSAL, checked by counting); −1 where the count is
-            not known. The diagnosis evaluates u (without its divergence) once more at each end.
+            not known. The diagnosis evaluates u (without its divergence) once more, at (t1, x).
         t0, t1: the integration interval (noise end, data end).
         status: 0 on success, else a :mod:`diffjax.solve` code (returned with ``throw=False``;
             :func:`diffjax.solve.raise_if_failed` raises its message on the host).
@@ -118,14 +118,15 @@ class LikelihoodResult(eqx.Module):
 def _messages(max_steps):
     return {
         solve.NONFINITE_END: (
-            "diffjax.log_likelihood: the velocity field is NaN/inf at an end of [t0, t1] for this x; paths "
+            "diffjax.log_likelihood: the velocity field is NaN/inf at the data end t1 for this x; paths "
             "singular at t = 1 (e.g. VPPath) or data-prediction models (whose conversion divides by sigma) need "
             "t1 < 1, ε/score models t0 > 0: pass t0, t1 = diffjax.integration_interval(path, kind)"
         ),
         solve.MAX_STEPS: (
             f"diffjax.log_likelihood: the ODE solver reached max_steps={max_steps} before getting from the data "
             "end t1 to the noise end t0. Fix: raise max_steps, loosen rtol/atol, or pass num_steps for a fixed "
-            "grid."
+            "grid. (A field that is NaN/inf near t0, e.g. an eps/score model where alpha = 0, also exhausts "
+            "max_steps: pass t0, t1 = diffjax.integration_interval(path, kind).)"
         ),
         solve.SOLVER_FAILED: (
             "diffjax.log_likelihood: the ODE solve failed (diffrax returned an unsuccessful result other than "
@@ -254,7 +255,9 @@ def log_likelihood_with_stats(
         controller = diffrax.PIDController(rtol=rtol, atol=atol)
     else:
         controller = diffrax.StepTo(ts=jnp.linspace(t_hi, t_lo, num_steps + 1))
-    ends_ok = jnp.all(jnp.isfinite(velocity(t_hi, x_start))) & jnp.all(jnp.isfinite(velocity(t_lo, x_start)))
+    # One evaluation at the data end, where the backward solve starts and singular fields usually break (a NaN
+    # there makes the controller reject every step, which would otherwise read as max_steps).
+    ends_ok = jnp.all(jnp.isfinite(velocity(t_hi, x_start)))
     sol, status, nfe = solve.diffeqsolve(
         field,
         (x_start, jnp.zeros((), x.dtype)),

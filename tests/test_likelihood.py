@@ -142,7 +142,7 @@ def test_jit_vmap_eager_agree_and_nfe(gm):
     jax.block_until_ready(eager.log_prob)
     np.testing.assert_allclose(eager.log_prob, batched.log_prob[0], rtol=0, atol=1e-9)
     assert int(eager.num_steps) == int(batched.num_steps[0])
-    assert count[0] == int(eager.nfe) + 2  # + the finiteness checks at the two ends
+    assert count[0] == int(eager.nfe) + 1  # + the finiteness check at (t1, x)
     # Tsit5 is 7-stage FSAL: 6 evaluations per step + 1.
     np.testing.assert_array_equal(batched.nfe, 6 * batched.num_steps + 1)
     np.testing.assert_array_equal(
@@ -296,7 +296,7 @@ def test_max_steps_error(gm):
 
 def test_nan_field_error():
     path = LinearPath()
-    with pytest.raises(Exception, match="NaN/inf at an end"):
+    with pytest.raises(Exception, match="NaN/inf at the data end"):
         r = log_likelihood(lambda t, z: z * jnp.nan, path, jnp.ones(2), max_steps=64)
         jax.block_until_ready(r)
 
