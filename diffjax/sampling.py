@@ -143,15 +143,21 @@ def _ode_messages(max_steps, rtol, atol):
     }
 
 
-def _ode_field(trace: AbstractTrace | None):
-    """The vector field of the sampler's solve, ``field(t, y, (velocity, trace_state))``."""
+def _ode_field(trace: AbstractTrace | None, t0, t1):
+    """The vector field of the sampler's solve, ``field(t, y, (velocity, trace_state))``.
+
+    Times are clipped to [t0, t1]: the stages never leave it, but the controller's first step-size guess may,
+    and paths are defined on [0, 1] only. The field's output is cast to the state's dtype (a float64 model
+    under x64 with a float32 x0 integrates in float32).
+    """
     if trace is None:
-        return lambda t, y, args: args[0](t, y)
+        return lambda t, y, args: args[0](jnp.clip(t, t0, t1), y).astype(y.dtype)
 
     def field(t, y, args):
         velocity, state = args
+        t = jnp.clip(t, t0, t1)
         u, div = trace(lambda z: velocity(t, z), y[0], state)
-        return u, -div
+        return u.astype(y[0].dtype), -div.astype(y[0].dtype)
 
     return field
 
@@ -159,7 +165,9 @@ def _ode_field(trace: AbstractTrace | None):
 def _ode_controller(path, num_steps, grid, t0, t1, rtol, atol):
     if num_steps is None:
         return diffrax.PIDController(rtol=rtol, atol=atol), None
-    grid_ts = time_grid(path, num_steps, grid, t0=t0, t1=t1)
+    grid_ts = time_grid(path, num_steps, grid, t0=t0, t1=t1).astype(
+        t0.dtype
+    )  # the state's precision
     return diffrax.StepTo(ts=grid_ts), grid_ts
 
 
@@ -244,7 +252,7 @@ def sample_ode(
         y0, args = (x0, jnp.zeros((), x0.dtype)), (velocity, trace_obj.init(k_probe, x0))
     ends_ok = _finite(velocity(t0, x0), velocity(t1, x0))
     sol, status, nfe = solve.diffeqsolve(
-        _ode_field(trace_obj),
+        _ode_field(trace_obj, t0, t1),
         y0,
         t0,
         t1,
@@ -260,7 +268,7 @@ def sample_ode(
     lp = None
     if trace_obj is not None:
         prior_lp = path.prior.log_prob(x0) if x0_log_prob is None else jnp.asarray(x0_log_prob)
-        lp = prior_lp + sol.ys[1][-1]
+        lp = (prior_lp + sol.ys[1][-1]).astype(x0.dtype)
     status = solve.final_status(status, samples, *(() if lp is None else (lp,)))
     if throw:
         samples = solve.throw_if_failed(samples, status, _ode_messages(max_steps, rtol, atol))
@@ -328,7 +336,8 @@ class _Drift(eqx.Module):
 
     def __call__(self, t, x, g):
         u = self.velocity(t, x)
-        return u if self.zero else u + (0.5 * g * g) * self.score(t, x)
+        f = u if self.zero else u + (0.5 * g * g) * self.score(t, x)
+        return f.astype(x.dtype)
 
 
 @eqx.filter_jit
@@ -383,7 +392,9 @@ def sample_sde(
         throw: raise on failure (default) or return the code in ``status``.
 
     Returns a :class:`SampleResult`; ``nfe`` counts drift evaluations (each: one velocity + one score call, or
-    one velocity call when g is the constant 0) plus one per corrector step and one for ``final_denoise``.
+    one velocity call when g is the constant 0) plus one per corrector step and one for ``final_denoise``; for a
+    diffrax solver, stages × steps for explicit Runge–Kutta methods (e.g. 2 per step for ``diffrax.Heun()``) and
+    −1 where the count is not known.
 
     Raises:
         ValueError: bad method/grid names, negative constant diffusion, Langevin with a diffrax method.
@@ -398,10 +409,17 @@ def sample_sde(
     g_ok = jnp.all((gs >= 0) & jnp.isfinite(gs))
     drift = _Drift(velocity, score, g_zero)
     if isinstance(method, str):
-        x, traj = _euler_maruyama(drift, score, ts, gs, x0, key, langevin_steps, langevin_snr, save_trajectory)
+        x, traj = _euler_maruyama(
+            drift, score, ts, gs, x0, key, langevin_steps, langevin_snr, save_trajectory
+        )
     else:
         x, traj = _diffrax_sde(method, drift, g_fn, ts, x0, key, save_trajectory)
-    nfe = num_steps * (1 + langevin_steps)
+    # drift evaluations: one per Euler–Maruyama step (+ the corrector's), stages × steps for a diffrax solver
+    nfe = (
+        num_steps * (1 + langevin_steps)
+        if isinstance(method, str)
+        else solve.nfe(method, num_steps)
+    )
     if final_denoise:
         a, s, _, _ = path.coefficients(ts[-1])
         x = (x + s * s * score(ts[-1], x)) / a
@@ -473,9 +491,12 @@ def _diffrax_sde(solver, drift, g_fn, ts, x0, key, save_trajectory):
         key=key,
         levy_area=_levy_area(solver),
     )
-    f = diffrax.ODETerm(lambda t, y, args: args[0](t, y, args[1](t)))
+    f = diffrax.ODETerm(lambda t, y, args: args[0](t, y, args[1](t).astype(y.dtype)))
     diff = diffrax.ControlTerm(
-        lambda t, y, args: lineax.DiagonalLinearOperator(args[1](t) * jnp.ones_like(y)), bm
+        lambda t, y, args: lineax.DiagonalLinearOperator(
+            args[1](t).astype(y.dtype) * jnp.ones_like(y)
+        ),
+        bm,
     )
     saveat = diffrax.SaveAt(ts=ts[1:]) if save_trajectory else diffrax.SaveAt(t1=True)
     sol = diffrax.diffeqsolve(

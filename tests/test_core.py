@@ -301,3 +301,19 @@ def test_diffrax_sde_brownian_increments_have_variance_h_on_a_log_snr_grid():
 
     inc = np.asarray(jax.jit(jax.vmap(old))(jax.random.split(jax.random.key(1), m)))
     assert abs(((inc**2).mean(axis=0) / h[:20]).mean() - 1) > 0.3
+
+
+def test_float32_state_under_x64_keeps_its_precision(x64):
+    """A float32 x0 with x64 enabled: fixed-step ODE grids, the diffrax SDE's constant g and log_prob follow the
+    state's dtype (the float64 grid/g used to crash diffrax's float32 stage buffers)."""
+    path = dj.CosinePath()
+    gm = mixture()
+    u = dj.velocity_field(gm.model("v", path), "v", path)
+    s = dj.score_field(gm.model("eps", path), "eps", path)
+    x0 = jnp.ones(2, jnp.float32)
+    key = jax.random.key(0)
+    r = dj.sample_ode(u, path, key, x0=x0, num_steps=8, log_prob=True)
+    assert r.samples.dtype == jnp.float32 and r.log_prob.dtype == jnp.float32
+    r = dj.sample_sde(u, s, path, key, x0=x0, num_steps=8, t0=0.01, t1=0.99, method=diffrax.Heun())
+    assert r.samples.dtype == jnp.float32
+    assert int(r.nfe) == 2 * 8  # Heun: two drift evaluations per step
