@@ -636,13 +636,18 @@ class LogSNRPath(AbstractPath):
         lam = self._lam(jnp.where(bad, jnp.asarray(0.5, t.dtype), t))
         return lam, bad, raw
 
-    def _alpha(self, t):
+    def _alpha_sigma(self, t):
+        """(α, σ) from one evaluation of λ at a finite point (their limits 0/1 at an infinite end)."""
         lam, bad, raw = self._lam_finite(t)
-        return jnp.where(bad, (raw > 0).astype(lam.dtype), jnp.exp(0.5 * jax.nn.log_sigmoid(lam)))
+        alpha = jnp.where(bad, (raw > 0).astype(lam.dtype), jnp.exp(0.5 * jax.nn.log_sigmoid(lam)))
+        sigma = jnp.where(bad, (raw < 0).astype(lam.dtype), jnp.exp(0.5 * jax.nn.log_sigmoid(-lam)))
+        return alpha, sigma
+
+    def _alpha(self, t):
+        return self._alpha_sigma(t)[0]
 
     def _sigma(self, t):
-        lam, bad, raw = self._lam_finite(t)
-        return jnp.where(bad, (raw < 0).astype(lam.dtype), jnp.exp(0.5 * jax.nn.log_sigmoid(-lam)))
+        return self._alpha_sigma(t)[1]
 
     @staticmethod
     def _d_alpha_from(lam, dlam):
@@ -664,13 +669,10 @@ class LogSNRPath(AbstractPath):
         return -jax.nn.sigmoid(lam) * jax.nn.sigmoid(-lam) * dlam
 
     def _coefficients(self, t):
+        # inside every solver step: λ once for (α, σ), one JVP pair for the derivatives
         lam_r, dlam_r = self._dlam_regular(t)
-        return (
-            self._alpha(t),
-            self._sigma(t),
-            self._d_alpha_from(lam_r, dlam_r),
-            self._d_sigma_from(lam_r, dlam_r),
-        )
+        alpha, sigma = self._alpha_sigma(t)
+        return alpha, sigma, self._d_alpha_from(lam_r, dlam_r), self._d_sigma_from(lam_r, dlam_r)
 
     def _log_snr(self, t):
         return self._lam(t)
