@@ -5,9 +5,10 @@ Time convention everywhere: **t = 0 is noise, t = 1 is data**; x_t = α_t·x + �
 Submodules: ``paths`` (Gaussian paths), ``targets`` (parameterizations and exact conversions), ``losses``
 (weighted objectives and presets), ``fields`` (model adapters, divergences), ``sampling`` (PF-ODE and reverse
 SDE), ``likelihood`` (exact log-likelihood, bits/dim), ``vlb`` (continuous-time ELBO), ``analytic``
-(Gaussian-mixture oracle), ``nn`` (flax models), ``data``, ``train``, ``checkpoint``, ``experiment``, ``cli``.
-The last six are imported lazily, on first use (``dj.train.fit`` or ``import diffjax.train``), so that
-``import diffjax`` does not load flax, optax, orbax, scikit-learn or matplotlib.
+(Gaussian-mixture oracle), ``nn`` (flax models), ``data``, ``train``, ``checkpoint``. The last four are imported
+lazily, on first use (``dj.train.fit`` or ``import diffjax.train``), so that
+``import diffjax`` does not load flax, optax, orbax or scikit-learn. The application layer (experiment runs,
+metrics, figures, the ``diffjax`` command) is the separate package ``diffjax_app``; nothing here imports it.
 """
 
 import importlib
@@ -101,19 +102,11 @@ from .vlb import ELBOResult as ELBOResult, elbo as elbo
 __version__ = "0.1.0"
 
 # The heavy submodules are imported on first attribute access (PEP 562), so ``import diffjax`` loads neither
-# orbax/tensorstore (checkpoint), flax (nn), optax (train), scikit-learn (data's digits) nor matplotlib
-# (experiment): ``dj.nn.split`` and ``import diffjax.train`` work as before, they just load on first use.
-_LAZY_SUBMODULES = frozenset({"checkpoint", "cli", "data", "experiment", "nn", "train"})
+# orbax/tensorstore (checkpoint), flax (nn), optax (train) nor scikit-learn (data's digits): ``dj.nn.split`` and ``import diffjax.train`` work as before, they just load on first use.
+_LAZY_SUBMODULES = frozenset({"checkpoint", "data", "nn", "train"})
 
 if TYPE_CHECKING:  # static analysers see the submodules as ordinary attributes
-    from . import (
-        checkpoint as checkpoint,
-        cli as cli,
-        data as data,
-        experiment as experiment,
-        nn as nn,
-        train as train,
-    )
+    from . import checkpoint as checkpoint, data as data, nn as nn, train as train
 
 
 def __getattr__(name: str):

@@ -2,8 +2,8 @@
 
 The first run of ``diffjax train`` compiles the train step, the ODE sampler and the likelihood solve (tens of seconds
 on a small CPU); with the persistent cache a second run loads the compiled executables from disk instead. Library
-code never calls this (no global state in the library); only entry points (``diffjax.cli``, ``experiments/*.py``)
-do, before their first compilation.
+code never calls this (no global state in the library); only entry points (``diffjax_app.cli``,
+``experiments/*.py``) do, before their first compilation.
 
 Where: ``--cache-dir`` if given, else ``$DIFFJAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/diffjax/jax`` (default
 ``~/.cache/diffjax/jax``). ``DIFFJAX_CACHE_DIR=off`` (or ``none``/``0``/empty) turns it off.
@@ -24,6 +24,7 @@ __all__ = [
     "default_cache_dir",
     "resolve_cache_dir",
     "enable_compilation_cache",
+    "CacheDirError",
 ]
 
 ENV_VAR = "DIFFJAX_CACHE_DIR"
@@ -47,20 +48,40 @@ def resolve_cache_dir(cache_dir: str | None = None) -> str | None:
     return os.path.abspath(os.path.expanduser(cache_dir))
 
 
+class CacheDirError(OSError):
+    """The compilation cache directory cannot be created or written (the message says how to turn it off)."""
+
+
+def _check_writable(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        what = (e.strerror or type(e).__name__).lower()
+        raise CacheDirError(
+            f"cannot write the compilation cache directory {path} ({what}); pass --cache-dir off, or a "
+            f"writable --cache-dir (or set ${ENV_VAR})"
+        ) from e
+
+
 def enable_compilation_cache(
     cache_dir: str | None = None, min_compile_time_s: float = 0.0
 ) -> str | None:
     """Turn on JAX's persistent compilation cache in ``resolve_cache_dir(cache_dir)``; returns the directory.
 
     Every compilation that takes at least ``min_compile_time_s`` seconds is written (0: all of them). Must run
-    before the process's first compilation: JAX initialises the cache once, at the first compile.
+    before the process's first compilation: JAX initialises the cache once, at the first compile. Raises
+    :class:`CacheDirError` (one line, with the fix) if the directory cannot be written.
     """
     import jax  # noqa: PLC0415
 
     path = resolve_cache_dir(cache_dir)
     if path is None:
         return None
-    os.makedirs(path, exist_ok=True)
+    _check_writable(path)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

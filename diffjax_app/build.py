@@ -1,0 +1,149 @@
+"""What a config is made of: its path, objective, model and data (t = 0 is noise, t = 1 is data).
+
+Names map to objects here, and only here: :data:`PATH_CLASSES` and :data:`OBJECTIVE_PRESETS` over the names of
+``diffjax_app.config``; an unknown name raises ``ValueError`` listing the valid ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from diffjax import data as data_lib, losses, nn, paths, train
+
+from .config import DATASETS, DEFAULT_PATH, OBJECTIVES, PATHS, ExperimentConfig, check_name
+
+__all__ = [
+    "PATH_CLASSES",
+    "OBJECTIVE_PRESETS",
+    "build_path",
+    "build_objective",
+    "build_model",
+    "train_batch_fn",
+    "held_out",
+    "data_std",
+]
+
+PATH_CLASSES: dict[str, Callable[[], paths.AbstractPath]] = {
+    "linear": paths.LinearPath,
+    "cosine": paths.CosinePath,
+    "vp": paths.VPPath,
+    "ve": paths.VEPath,
+    "edm": paths.EDMPath,
+}
+
+OBJECTIVE_PRESETS: dict[str, Callable[..., losses.Objective]] = {
+    "fm": lambda path, sd: losses.flow_matching(path),
+    "eps": lambda path, sd: losses.ddpm(path),
+    "v": lambda path, sd: losses.v_prediction(path),
+    "edm": lambda path, sd: losses.edm(path, sigma_data=sd),
+    "sd3": lambda path, sd: losses.sd3(path),
+    "elbo": lambda path, sd: losses.vdm(path, "eps"),
+}
+
+#: Seeds of the held-out sets of the toy data (training draws fresh batches from the run's seed instead).
+_TEST_KEY = 2_000_003
+_REFERENCE_KEY = 2_000_029
+
+
+def data_std(name: str) -> float:
+    """Overall standard deviation of the data in model space (σ_d of EDM)."""
+    check_name("data set", name, DATASETS)
+    if name == "digits":
+        x = data_lib.digits_to_model_space(data_lib.load_digits("train"), jax.random.key(0))
+    else:
+        x = data_lib.toy_sample(name, jax.random.key(0), 20_000)
+    return float(jnp.std(x))
+
+
+def build_path(name: str) -> paths.AbstractPath:
+    """The path called ``name`` (one of ``PATHS``) with its default constants."""
+    return PATH_CLASSES[check_name("path", name, PATHS)]()
+
+
+def build_objective(
+    name: str, path: paths.AbstractPath | str | None = None, sigma_data: float = 0.5
+) -> losses.Objective:
+    """The objective ``name`` (one of ``OBJECTIVES``) on ``path`` (default: its ``DEFAULT_PATH``)."""
+    check_name("objective", name, OBJECTIVES)
+    if path is None or isinstance(path, str):
+        path = build_path(DEFAULT_PATH[name] if path is None else path)
+    return OBJECTIVE_PRESETS[name](path, sigma_data)
+
+
+def _network(config: ExperimentConfig):
+    rngs = nnx.Rngs(config.seed)
+    if config.is_image:
+        return nn.UNet(
+            1,
+            base=config.unet_base,
+            mults=config.unet_mults,
+            time_scale=config.time_scale,
+            rngs=rngs,
+        )
+    return nn.MLP(
+        2,
+        hidden=config.hidden,
+        depth=config.depth,
+        time_dim=config.time_dim,
+        time_scale=config.time_scale,
+        rngs=rngs,
+    )
+
+
+def build_model(config: ExperimentConfig):
+    """``(apply, params, objective, path)`` for a config (resolved first if needed).
+
+    ``apply(params, t, x)`` is the per-example prediction of kind ``objective.prediction`` (t = 0 noise, t = 1
+    data). For ``edm`` the raw network F is wrapped in EDM's preconditioning D = c_skip·x + c_out·F(c_noise, c_in·x)
+    (``diffjax.nn.edm_precondition``), so the network sees unit-variance inputs and targets.
+    """
+    config = config.resolved() if config.sigma_data is None or config.path is None else config
+    path = build_path(config.path_name)
+    objective = build_objective(config.objective, path, config.sigma_data)
+    raw_apply, params = nn.split(_network(config))
+    if config.objective != "edm":
+        return raw_apply, params, objective, path
+    sd = float(config.sigma_data)
+
+    def apply(params, t, x):
+        return nn.edm_precondition(lambda c, z: raw_apply(params, c, z), path, sd)(t, x)
+
+    return apply, params, objective, path
+
+
+def train_batch_fn(config: ExperimentConfig) -> Callable[[int], jax.Array]:
+    """``batch_fn(step)``, deterministic in the step (so resumed runs see the same data).
+
+    Toy data: a fresh batch ``toy_sample(data, fold_in(key(seed), step), batch_size)`` per step (an endless
+    stream; the held-out set uses other keys). Digits: shuffled epochs of the 1497 training images
+    (``train.dataset_batch_fn``), uniformly dequantized afresh at every step (``data.digits_to_model_space``).
+    """
+    base = jax.random.key(config.seed)
+    if config.is_image:
+        images = np.asarray(data_lib.load_digits("train"))
+        ints = train.dataset_batch_fn(images, config.batch_size, jax.random.fold_in(base, 1))
+        dequant = jax.jit(data_lib.digits_to_model_space)
+        k_deq = jax.random.fold_in(base, 2)
+        return lambda s: dequant(ints(s), jax.random.fold_in(k_deq, s))
+    name, bs = config.data, config.batch_size
+    sample = jax.jit(lambda k: data_lib.toy_sample(name, k, bs))
+    k_data = jax.random.fold_in(base, 3)
+    return lambda s: sample(jax.random.fold_in(k_data, s))
+
+
+def held_out(data: str, n: int | None = None, *, reference: bool = False):
+    """Held-out data. Toy: ``n`` (default 1000) fresh samples from fixed keys, disjoint from training
+    (``reference=True``: a second independent set, the noise floor of sample-quality metrics). Digits: the fixed
+    300-image test split as integer levels 0..16 (first ``n``; ``reference=True``: the training images)."""
+    check_name("data set", data, DATASETS)
+    if data == "digits":
+        k = data_lib.load_digits("train" if reference else "test")
+        return k if n is None else k[:n]
+    n = 1000 if n is None else n
+    key = jax.random.key(_REFERENCE_KEY if reference else _TEST_KEY)
+    return data_lib.toy_sample(data, key, n)

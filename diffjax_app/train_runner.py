@@ -1,0 +1,167 @@
+"""``run_train``: train a config into its workdir with ``diffjax.train.fit`` (t = 0 noise, t = 1 data).
+
+One writer per workdir (``diffjax.checkpoint.workdir_lock``: a second trainer is refused at once, naming the
+holder), resumed from the newest intact checkpoint, and never a silent no-op: a ``steps`` below what the workdir
+is trained to is refused, an equal one is reported in one line. Ctrl-C / SIGTERM save a checkpoint at the
+current step (``diffjax.train.TrainingInterrupted``); a state that turns NaN is never saved
+(``diffjax.train.NonFiniteStateError``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import numpy as np
+
+from diffjax import checkpoint as ckpt, train
+
+from .build import build_model, train_batch_fn
+from .config import ExperimentConfig
+from .errors import NonFiniteError, RunError, notice
+from .workdir import (
+    EXPERIMENT_FILE,
+    has_checkpoint,
+    latest_step,
+    load_config,
+    make_run_dir,
+    read_metrics,
+    try_write,
+    update_metrics,
+    write_json,
+)
+
+__all__ = ["run_train"]
+
+
+def _prepare(workdir: str, config: ExperimentConfig) -> int:
+    """Refuse a workdir holding another run, or trained further than ``config.steps``; write experiment.json.
+
+    Returns the step the run resumes from (0 for a new run)."""
+    trained = latest_step(workdir) if has_checkpoint(workdir) else 0
+    if os.path.exists(os.path.join(workdir, EXPERIMENT_FILE)) and trained:
+        diff = load_config(workdir).differences(config)
+        if diff:
+            items = "; ".join(f"{k}: workdir={a!r} vs now={b!r}" for k, (a, b) in diff.items())
+            raise RunError(
+                f"{workdir} holds a run with another config ({items}); use a new --workdir or the same flags"
+            )
+    if trained > config.steps:
+        raise RunError(
+            f"{workdir} is already trained to {trained} steps, more than --steps {config.steps}: pass "
+            f"--steps {trained} or more (more continues training); sample and likelihood use it as it is"
+        )
+    if trained == config.steps:
+        notice(
+            f"{workdir} is already trained to {trained} steps: nothing to train (a larger --steps continues)"
+        )
+    elif trained:
+        notice(f"resuming {workdir} from step {trained} to {config.steps}")
+    write_json(os.path.join(workdir, EXPERIMENT_FILE), config.to_dict())
+    return trained
+
+
+def _first_step_timer(batch_fn, t_start: float):
+    """``batch_fn`` that records the time of its second call (the first step is then compiled and running)."""
+    first: dict[str, float] = {}
+    calls = [0]
+
+    def timed(s):
+        calls[0] += 1
+        if calls[0] == 2:
+            first["t"] = time.perf_counter() - t_start
+        return batch_fn(s)
+
+    return timed, first
+
+
+def _result(config, objective, params, state, history, start_step, wall, first) -> dict:
+    step = int(state.step)
+    ran = step - start_step
+    return {
+        "data": config.data,
+        "objective": config.objective,
+        "path": config.path_name,
+        "prediction": objective.prediction.name,
+        "start_step": start_step,
+        "step": step,
+        "steps_run": ran,
+        "num_params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
+        "final_loss": history["loss"][-1] if history["loss"] else None,
+        "history": history,
+        "train_wall_s": wall,
+        "steps_per_s": ran / wall if ran and wall > 0 else None,
+        "time_to_first_step_s": first.get("t"),
+        "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+    }
+
+
+def run_train(
+    config: ExperimentConfig,
+    workdir,
+    *,
+    checkpoint_every: int = 1000,
+    log_every: int | None = None,
+    progress: bool = True,
+    figures: bool = True,
+    t_start: float | None = None,
+) -> dict:
+    """Train ``config`` into ``workdir`` with ``diffjax.train.fit``, resuming from its newest intact checkpoint.
+
+    A workdir trained to s steps and run again with ``steps`` = N > s continues from step s (the cosine decay is
+    re-planned over N steps; the first s steps are those of the earlier run). A workdir written with another
+    config, or trained beyond N, raises ``RunError`` naming the difference.
+
+    ``t_start`` (a ``time.perf_counter()`` value, default: now) is the origin of the reported
+    ``time_to_first_step_s`` (the CLI passes the process start, so it covers imports and compilation). A run
+    that is already complete trains nothing (``steps_run`` = 0) and reports the timing of the run that trained
+    it, with ``timing_from_earlier_run`` = True. Returns the ``train`` section of ``metrics.json``.
+    """
+    t_start = time.perf_counter() if t_start is None else t_start
+    config = config.resolved()
+    workdir = make_run_dir(workdir)
+    with ckpt.workdir_lock(workdir):
+        start_step = _prepare(workdir, config)
+        apply, params, objective, _ = build_model(config)
+        batch_fn, first = _first_step_timer(train_batch_fn(config), t_start)
+        t0 = time.perf_counter()
+        state, history = train.fit(
+            apply,
+            params,
+            objective,
+            batch_fn,
+            config.train_config(),
+            workdir=workdir,
+            checkpoint_every=checkpoint_every,
+            log_every=log_every or max(1, min(100, config.steps // 100)),
+            progress=progress,
+            extra_config=config.guarded_config(),
+        )
+        jax.block_until_ready(state.params)
+        wall = time.perf_counter() - t0
+        if not np.all(np.isfinite(np.asarray(history["loss"], np.float64))):
+            raise NonFiniteError(
+                "the training losses contain NaN/inf: lower --lr or check the data"
+            )
+        result = _result(config, objective, params, state, history, start_step, wall, first)
+        _keep_earlier_timing(result, read_metrics(workdir).get("train") or {})
+        update_metrics(workdir, "train", result, config=config.to_dict())
+        if figures and history["loss"]:
+            from .plots import plot_loss  # noqa: PLC0415 (matplotlib)
+
+            out = os.path.join(workdir, "loss.png")
+            warnings: list[str] = []
+            if try_write(lambda: plot_loss(history, out, config), out, warnings):
+                result["figures"] = {"loss": out}
+                update_metrics(workdir, "train", result)
+    return result
+
+
+def _keep_earlier_timing(result: dict, prev: dict) -> None:
+    """A complete run trains nothing: keep the timing of the run that did the training, and say so."""
+    if result["steps_run"] == 0 and prev.get("step") == result["step"] and prev.get("train_wall_s"):
+        for k in ("train_wall_s", "steps_per_s", "time_to_first_step_s"):
+            result[k] = prev.get(k)
+        result["timing_from_earlier_run"] = True
