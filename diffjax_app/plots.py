@@ -161,14 +161,14 @@ def _with_outside(text: str, outside: int) -> str:
 def _fmt(v: float) -> str:
     """A plain-number tick label: 0.002, 1.5, 300, 12000 (no powers of ten)."""
     s = f"{v:.4g}"
-    return np.format_float_positional(v, precision=4, trim="-") if "e" in s else s
+    return np.format_float_positional(float(s), trim="-") if "e" in s else s
 
 
 def _log_ticks(lo: float, hi: float) -> list[float]:
     """3–8 round tick values in [lo, hi] (0 < lo < hi) for a log axis: decades, then 1-2-5, then finer."""
     e0, e1 = math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1
     for mant in ((1.0,), (1.0, 2.0, 5.0), (1.0, 1.5, 2.0, 3.0, 5.0, 7.0), tuple(range(1, 10))):
-        ticks = [m * 10.0**e for e in range(e0, e1 + 1) for m in mant]
+        ticks = [float(f"{m * 10.0**e:.12g}") for e in range(e0, e1 + 1) for m in mant]
         ticks = [t for t in ticks if lo <= t <= hi]
         if len(ticks) > 8:
             ticks = ticks[:: math.ceil(len(ticks) / 8)]
