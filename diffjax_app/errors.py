@@ -13,7 +13,7 @@ import sys
 __all__ = ["RunError", "NoCheckpointError", "NonFiniteError", "notice", "describe_os_error"]
 
 
-class RunError(Exception):
+class RunError(ValueError):
     """An ordinary problem with a run (a missing or foreign workdir, a refused no-op); exit status 2."""
 
 

@@ -222,6 +222,5 @@ def restore(workdir) -> RestoredRun:
         raise NoCheckpointError(
             f"no checkpoint in {workdir}; train first (diffjax train --workdir {workdir} ...)"
         )
-    return RestoredRun(
-        config, apply, restored.state.ema_params, objective, path, int(restored.step)
-    )
+    state, step = restored[0], restored[1]  # diffjax.checkpoint.Restored(state, step, meta)
+    return RestoredRun(config, apply, state.ema_params, objective, path, int(step))

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from diffjax import _cache, cli, experiment
+from diffjax_app import build, cache as _cache, cli, config, metrics, train_runner, workdir
 
 TINY = ["--hidden", "16", "--depth", "1", "--batch-size", "16", "--warmup", "2", "--no-progress"]
 EVAL = ["--num-steps", "8", "--no-progress", "--cache-dir", "off"]
@@ -137,7 +137,7 @@ def test_no_checkpoint_exits_2(tmp_path, capsys, command):
         cli.main([command, "--workdir", str(empty), "--cache-dir", "off"])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert f"no checkpoint in {empty}; run diffjax train first" in err
+    assert f"{empty} does not exist; train into it first (diffjax train --workdir {empty}" in err
     assert "Traceback" not in err
     assert not empty.exists()  # nothing created
 
@@ -164,13 +164,13 @@ def test_resume_with_another_config_exits_2(trained, capsys):
 
 def test_builders_reject_unknown_names():
     with pytest.raises(ValueError, match="valid objectives are: fm, eps, v, edm, sd3, elbo"):
-        experiment.build_objective("score")
+        build.build_objective("score")
     with pytest.raises(ValueError, match="valid paths are"):
-        experiment.build_path("sqrt")
+        build.build_path("sqrt")
     with pytest.raises(ValueError, match="valid data sets are"):
-        experiment.ExperimentConfig(data="mnist")
-    cfg = experiment.ExperimentConfig(objective="edm", steps=5).resolved()
-    assert experiment.ExperimentConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+        config.ExperimentConfig(data="mnist")
+    cfg = config.ExperimentConfig(objective="edm", steps=5).resolved()
+    assert config.ExperimentConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
 def test_energy_distance_and_mmd_against_numpy():
@@ -178,7 +178,7 @@ def test_energy_distance_and_mmd_against_numpy():
     x, y = rng.normal(size=(40, 2)), rng.normal(1.0, 1.0, size=(30, 2))
     d = lambda a, b: np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))
     ref = 2 * d(x, y).mean() - d(x, x).mean() - d(y, y).mean()
-    assert float(experiment.energy_distance(x, y)) == pytest.approx(ref, rel=1e-4, abs=1e-5)
+    assert float(metrics.energy_distance(x, y)) == pytest.approx(ref, rel=1e-4, abs=1e-5)
     h = 0.7
     k = lambda a, b: np.exp(-(d(a, b) ** 2) / (2 * h * h))
     kxx, kyy = k(x, x), k(y, y)
@@ -187,8 +187,8 @@ def test_energy_distance_and_mmd_against_numpy():
         + (kyy.sum() - np.trace(kyy)) / (30 * 29)
         - 2 * k(x, y).mean()
     )
-    assert float(experiment.mmd_rbf(x, y, np.array([h]))) == pytest.approx(ref, rel=1e-4, abs=1e-6)
-    assert abs(float(experiment.energy_distance(x, x))) < 1e-4  # zero for identical samples
+    assert float(metrics.mmd_rbf(x, y, np.array([h]))) == pytest.approx(ref, rel=1e-4, abs=1e-6)
+    assert abs(float(metrics.energy_distance(x, x))) < 1e-4  # zero for identical samples
 
 
 def test_cache_dir_resolution(monkeypatch, tmp_path):
@@ -202,19 +202,19 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
 
 
 def test_run_with_other_time_features_is_refused(tmp_path):
-    cfg = experiment.ExperimentConfig(
+    cfg = config.ExperimentConfig(
         data="checkerboard", steps=2, batch_size=16, hidden=16, depth=1, warmup=1, time_scale=1000.0
     )
-    experiment.run_train(cfg, tmp_path, progress=False, figures=False)
+    train_runner.run_train(cfg, tmp_path, progress=False, figures=False)
     with pytest.raises(ValueError, match="time_scale"):
-        experiment.run_train(cfg.replace(time_scale=30.0, steps=4), tmp_path, progress=False)
+        train_runner.run_train(cfg.replace(time_scale=30.0, steps=4), tmp_path, progress=False)
     with pytest.raises(ValueError, match="time_scale"):
-        experiment.ExperimentConfig(time_scale=0.0)
+        config.ExperimentConfig(time_scale=0.0)
     # sampling reads experiment.json: if it disagrees with the checkpoint, restoring is refused
     cfg_file = tmp_path / "experiment.json"
     stored = json.loads(cfg_file.read_text())
     cfg_file.write_text(json.dumps({**stored, "time_scale": 30.0}))
     with pytest.raises(ValueError, match="exp_time_scale"):
-        experiment.restore(tmp_path)
+        workdir.restore(tmp_path)
     cfg_file.write_text(json.dumps(stored))
-    assert experiment.restore(tmp_path)[-1] == 2
+    assert workdir.restore(tmp_path).step == 2

@@ -1,4 +1,5 @@
-"""``import diffjax`` stays light: the heavy submodules (checkpoint, data, nn, train, experiment, cli) load lazily.
+"""``import diffjax`` stays light: the heavy submodules (checkpoint, data, nn, train) load lazily; the application
+layer ``diffjax_app`` is never imported by the numerics, and its command line starts without JAX.
 
 Each check runs in a fresh interpreter, since this test process has long imported everything. (No time
 convention is involved here; elsewhere t = 0 is noise and t = 1 is data.)
@@ -13,7 +14,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAVY = ("orbax", "tensorstore", "matplotlib", "sklearn", "flax", "optax")
-LAZY = ("checkpoint", "cli", "data", "experiment", "nn", "train")
+LAZY = ("checkpoint", "data", "nn", "train")
 
 
 def run_python(code: str) -> dict:
@@ -51,8 +52,7 @@ def test_lazy_submodules_resolve():
         "import json, sys\n"
         "import diffjax as dj\n"
         "ok = callable(dj.nn.split) and callable(dj.data.toy_sample) and callable(dj.train.fit)\n"
-        "ok = ok and callable(dj.checkpoint.save) and callable(dj.cli.main)\n"
-        "ok = ok and dj.experiment is sys.modules['diffjax.experiment']\n"
+        "ok = ok and callable(dj.checkpoint.save) and dj.checkpoint is sys.modules['diffjax.checkpoint']\n"
         "import diffjax.train as train_mod\n"
         "from diffjax import nn as nn_mod\n"
         "ok = ok and train_mod is dj.train and nn_mod is dj.nn and 'optax' in sys.modules\n"
@@ -76,3 +76,45 @@ def test_each_lazy_submodule_imports_on_its_own(name):
         f"print(json.dumps({{'same': diffjax.{name} is m}}))\n"
     )
     assert out["same"]
+
+
+def test_numerics_never_import_the_application_layer():
+    import ast  # noqa: PLC0415
+
+    offenders = []
+    pkg = os.path.join(ROOT, "diffjax")
+    for name in sorted(os.listdir(pkg)):
+        if not name.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(pkg, name)).read())
+        for node in ast.walk(tree):
+            mods = []
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                mods = [node.module]
+            offenders += [f"{name}: {m}" for m in mods if m.split(".")[0] == "diffjax_app"]
+    assert offenders == []
+    # negative control: the scan does find an application import where there is one
+    assert any(
+        isinstance(n, ast.ImportFrom) and n.module.startswith("diffjax_app")
+        for n in ast.walk(ast.parse(open(os.path.join(ROOT, "tests", "test_cli.py")).read()))
+        if isinstance(n, ast.ImportFrom) and n.module
+    )
+
+
+def test_command_line_help_loads_no_jax():
+    out = run_python(
+        "import json, sys, io, contextlib\n"
+        "from diffjax_app import cli\n"
+        "buf = io.StringIO()\n"
+        "try:\n"
+        "    with contextlib.redirect_stdout(buf):\n"
+        "        cli.main(['train', '--help'])\n"
+        "except SystemExit as e:\n"
+        "    code = e.code\n"
+        "loaded = sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'diffjax', 'numpy'})\n"
+        "print(json.dumps({'code': code, 'loaded': loaded, 'help': buf.getvalue()}))\n"
+    )
+    assert out["code"] == 0 and out["loaded"] == []
+    assert "(default: 0.001)" in out["help"] and "{fm,eps,v,edm,sd3,elbo}" in out["help"]
