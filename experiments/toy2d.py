@@ -1,13 +1,16 @@
-"""Train, sample and evaluate one model on a 2-D toy data set (a thin wrapper of ``diffjax.experiment``).
+"""Train, sample and evaluate one model on a 2-D toy data set (a thin wrapper of ``diffjax_app``'s runners).
 
 Time convention: t = 0 is noise, t = 1 is data.
 
     python experiments/toy2d.py --data checkerboard --objective fm --steps 3000
     python experiments/toy2d.py --data moons --objective edm --path vp --workdir runs/toy2d/moons_edm_vp
+    python experiments/toy2d.py --quick          # 200 steps, 200 samples, 100 test points (a smoke test)
 
-Writes WORKDIR/metrics.json (loss curve, held-out NLL in nats, energy distance / MMD² against held-out data,
-timings) and WORKDIR/{loss,samples,trajectories}.png; prints one JSON line with the headline numbers.
-Re-running with the same flags resumes from the checkpoint (more --steps continues training).
+Writes WORKDIR/metrics.json (loss curve, held-out NLL in nats, energy distance / MMD² against held-out data with
+a permutation-test p-value and its power against known-bad models, and where the data density is known the
+samples' cross-entropy under it and, for the checkerboard, the fraction inside its squares; timings) and
+WORKDIR/{loss,samples,trajectories}.png; prints one JSON line with the headline numbers (the last line of
+stdout). Re-running with the same flags resumes from the checkpoint (more --steps continues training).
 """
 
 from __future__ import annotations
@@ -20,9 +23,22 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from diffjax import _cache  # noqa: E402
+from diffjax_app import cache  # noqa: E402
 
 T0 = time.perf_counter()
+
+#: The sample-quality keys of ``diffjax_app.metrics.sample_quality`` copied into the JSON line when present.
+QUALITY_KEYS = (
+    "support_fraction",
+    "support_fraction_se",
+    "cross_entropy",
+    "cross_entropy_se",
+    "data_entropy",
+    "mmd_p_value",
+    "test_n",
+    "power_vs_blur",
+    "power_vs_off_support",
+)
 
 
 def main(argv=None):
@@ -36,23 +52,46 @@ def main(argv=None):
     p.add_argument(
         "--path", default=None, help="linear, cosine, vp, ve, edm (default: the objective's)"
     )
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument(
+        "--steps", type=int, default=None, help="training steps (default 3000; --quick: 200)"
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n", type=int, default=2000, help="samples to draw")
-    p.add_argument("--n-test", type=int, default=1000, help="held-out points for the NLL")
+    p.add_argument(
+        "--n", type=int, default=None, help="samples to draw (default 2000; --quick: 200)"
+    )
+    p.add_argument(
+        "--n-test",
+        type=int,
+        default=None,
+        help="held-out points for the NLL (default 1000; --quick: 100)",
+    )
     p.add_argument("--workdir", default=None, help="default runs/toy2d/DATA_OBJECTIVE[_PATH]")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke test: 200 steps, 200 samples, 100 test points, workdir suffix _quick",
+    )
     args = p.parse_args(argv)
-    _cache.enable_compilation_cache(args.cache_dir)
-    from diffjax import experiment as exp  # noqa: PLC0415
+    for name, full, quick in (("steps", 3000, 200), ("n", 2000, 200), ("n_test", 1000, 100)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    try:
+        cache.enable_compilation_cache(args.cache_dir)
+    except cache.CacheDirError as e:
+        p.error(str(e))
+    from diffjax_app.config import ExperimentConfig  # noqa: PLC0415
+    from diffjax_app.likelihood_runner import run_likelihood  # noqa: PLC0415
+    from diffjax_app.sample_runner import run_sample  # noqa: PLC0415
+    from diffjax_app.train_runner import run_train  # noqa: PLC0415
 
     if args.data == "digits":
         p.error("use experiments/digits.py for digits")
     try:
-        config = exp.ExperimentConfig(
+        config = ExperimentConfig(
             data=args.data,
             objective=args.objective,
             path=args.path,
@@ -65,11 +104,12 @@ def main(argv=None):
     except ValueError as e:
         p.error(str(e))
     name = f"{args.data}_{args.objective}" + (f"_{args.path}" if args.path else "")
+    name += "_quick" if args.quick else ""
     workdir = args.workdir or os.path.join("runs", "toy2d", name)
     progress = not args.no_progress
-    tr = exp.run_train(config, workdir, checkpoint_every=args.steps, progress=progress, t_start=T0)
-    sa = exp.run_sample(workdir, args.n, progress=progress)
-    li = exp.run_likelihood(workdir, args.data, args.n_test, progress=progress)
+    tr = run_train(config, workdir, checkpoint_every=args.steps, progress=progress, t_start=T0)
+    sa = run_sample(workdir, args.n, progress=progress)
+    li = run_likelihood(workdir, args.data, args.n_test, progress=progress)
     out = {
         "workdir": os.path.abspath(workdir),
         "data": args.data,
@@ -84,7 +124,10 @@ def main(argv=None):
         "energy_distance_floor": sa["energy_distance_floor"],
         "mmd_rbf": sa["mmd_rbf"],
         "mmd_rbf_floor": sa["mmd_rbf_floor"],
+        **{k: sa[k] for k in QUALITY_KEYS if k in sa},
         "nfe_sample": sa["nfe_mean"],
+        "figures": {**tr.get("figures", {}), **sa.get("figures", {})},
+        "warnings": tr.get("warnings", []) + sa.get("warnings", []) + li.get("warnings", []),
         "wall_s": time.perf_counter() - T0,
     }
     print(json.dumps(out), flush=True)
