@@ -100,7 +100,7 @@ def flow_bits_per_dim(
     draws per image (default ``num_dequant``; ``experiments/digits.py`` passes 1, the diffusion model's
     convention). ``bits_per_dim_se`` is the standard error over test images. The budget counts compilation and
     validation too; training also stops after ``max_steps`` steps (rounded up to a multiple of ``eval_every``)
-    when given. ``progress``: a line on stderr after the first chunk and every ``log_every`` steps.
+    when given; at least one chunk of ``eval_every`` steps always runs. ``progress``: a line on stderr after the first chunk and every ``log_every`` steps.
     """
     import paramax  # noqa: PLC0415
 
@@ -173,7 +173,10 @@ def flow_bits_per_dim(
             flush=True,
         )
     best, best_val, best_step, steps, history, logged = params, math.inf, 0, 0, [], 0
-    while time.perf_counter() - tic < seconds and (max_steps is None or steps < max_steps):
+    # At least one chunk: building the flow counts against the budget and can use up a small one.
+    while steps == 0 or (
+        time.perf_counter() - tic < seconds and (max_steps is None or steps < max_steps)
+    ):
         k_train, sub = jax.random.split(k_train)
         params, opt_state, loss = train_chunk(params, opt_state, sub)
         steps += eval_every
