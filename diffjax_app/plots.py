@@ -164,20 +164,34 @@ def _fmt(v: float) -> str:
     return np.format_float_positional(float(s), trim="-") if "e" in s else s
 
 
+_MANTISSAS = (
+    (1.0,),
+    (1.0, 2.0, 5.0),
+    (1.0, 1.5, 2.0, 3.0, 5.0, 7.0),
+    tuple(float(m) for m in range(1, 10)),
+    (1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0),
+)
+
+
 def _log_ticks(lo: float, hi: float) -> list[float]:
-    """3–8 round tick values in [lo, hi] (0 < lo < hi) for a log axis: decades, then 1-2-5, then finer."""
+    """3–8 round tick values in [lo, hi] (0 < lo < hi) for a log axis: decades, then 1-2-5, then finer.
+
+    A set is taken when it has at least 3 ticks spanning at least half of the axis (in log); else round
+    linear steps (a narrow range such as 0.9–1.3).
+    """
     e0, e1 = math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1
-    for mant in ((1.0,), (1.0, 2.0, 5.0), (1.0, 1.5, 2.0, 3.0, 5.0, 7.0), tuple(range(1, 10))):
+    span = math.log(hi / lo)
+    for mant in _MANTISSAS:
         ticks = [float(f"{m * 10.0**e:.12g}") for e in range(e0, e1 + 1) for m in mant]
         ticks = [t for t in ticks if lo <= t <= hi]
         if len(ticks) > 8:
             ticks = ticks[:: math.ceil(len(ticks) / 8)]
-        if len(ticks) >= 3:
+        if len(ticks) >= 3 and math.log(ticks[-1] / ticks[0]) >= 0.5 * span:
             return ticks
     from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
 
     lin = MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
-    return [float(t) for t in lin if lo <= t <= hi and t > 0]
+    return [float(f"{t:.12g}") for t in lin if lo <= t <= hi and t > 0]
 
 
 def _moving_average(y: np.ndarray, w: int) -> np.ndarray:
