@@ -144,7 +144,9 @@ def _square_axes(ax, limits, *, xlabel: bool = True, ylabel: bool = True) -> Non
         ax.set_ylabel(_X2)
 
 
-def _scatter(ax, x, color, limits, size=2.0):
+def _scatter(ax, x, color, limits, size=None):
+    if size is None:  # 1.2 pt² at 2000 points, larger for fewer (up to 4)
+        size = float(np.clip(2400.0 / max(len(x), 1), 1.2, 4.0))
     ax.scatter(x[:, 0], x[:, 1], s=size, alpha=0.5, c=color, linewidths=0, rasterized=True)
     return int(np.sum(~_inside(x, limits)))
 
@@ -508,7 +510,7 @@ def sample_strip_figure(
             continue
         name, x, caption = rows[i]
         color = _DATA_COLOR if (data is not None and i == 0) else _SAMPLE_COLOR
-        outside = _scatter(ax, x, color, limits, size=1.2)
+        outside = _scatter(ax, x, color, limits)
         r, c = divmod(i, ncols)
         bottom = r == nrows - 1 or i + ncols >= n
         _square_axes(ax, limits, xlabel=bottom, ylabel=c == 0)
