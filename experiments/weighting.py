@@ -5,29 +5,30 @@ hand — and plotted on λ ∈ [−15, 15]: top, w(λ) normalised to unit area o
 density p(λ) in which each objective samples log-SNR. Time convention: t = 0 noise, t = 1 data (λ increases in t).
 
     python experiments/weighting.py --out runs/weighting.png
+    python experiments/weighting.py --quick        # a coarser λ grid (121 points)
+
+The table of peaks, medians and low-SNR mass goes to stderr; stdout ends with one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
-
-import matplotlib
 
 sys.path.insert(
     0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 )  # run from a checkout
 
-matplotlib.use("Agg")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import diffjax.losses as L  # noqa: E402
 from diffjax.paths import CosinePath, EDMPath, LinearPath  # noqa: E402
+from diffjax_app.plots import figure, save  # noqa: E402
 
 
 def objectives():
@@ -47,11 +48,12 @@ def objectives():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/weighting.png")
+    parser.add_argument("--quick", action="store_true", help="121 λ points instead of 601")
     args = parser.parse_args(argv)
     start = time.time()
-    lam = np.linspace(-15.0, 15.0, 601)
+    lam = np.linspace(-15.0, 15.0, 121 if args.quick else 601)
     dl = lam[1] - lam[0]
-    fig, (ax_w, ax_p) = plt.subplots(2, 1, figsize=(12, 9), sharex=True)
+    fig, (ax_w, ax_p) = figure(2, 1, figsize=(12, 9), sharex=True)
     summary = {}
     for name, obj in objectives().items():
         iw = L.implied_weighting(obj)
@@ -88,13 +90,24 @@ def main(argv=None):
         arrowprops=dict(arrowstyle="->"),
     )
     ax_w.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    fig.savefig(args.out, dpi=110)
-    print(f"{'objective':34s} {'argmax w':>9s} {'median':>8s} {'mass λ<0':>9s}")
+    save(fig, args.out)
+    print(f"{'objective':34s} {'argmax w':>9s} {'median':>8s} {'mass λ<0':>9s}", file=sys.stderr)
     for name, (peak, med, low) in summary.items():
-        print(f"{name:34s} {peak:9.2f} {med:8.2f} {low:9.2%}")
-    print(f"wrote {args.out} in {time.time() - start:.1f}s")
+        print(f"{name:34s} {peak:9.2f} {med:8.2f} {low:9.2%}", file=sys.stderr)
+    wall = time.time() - start
+    print(f"wrote {args.out} in {wall:.1f}s", file=sys.stderr)
+    result = {
+        "figure": os.path.abspath(args.out),
+        "num_lambda": len(lam),
+        "objectives": {
+            name: {"argmax_w": float(peak), "median": float(med), "mass_below_0": float(low)}
+            for name, (peak, med, low) in summary.items()
+        },
+        "wall_s": wall,
+    }
+    print(json.dumps(result), flush=True)
+    return result
 
 
 if __name__ == "__main__":
