@@ -42,9 +42,12 @@ Multi-host (several processes, each with its own devices)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import signal
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -73,6 +76,8 @@ __all__ = [
     "initialize_distributed",
     "dataset_batch_fn",
     "fit",
+    "NonFiniteStateError",
+    "TrainingInterrupted",
 ]
 
 
@@ -482,6 +487,118 @@ def dataset_batch_fn(data, batch_size: int, key: PRNGKeyArray) -> Callable[[int]
 # ----------------------------------------------------------------------------------------------------------
 
 
+class NonFiniteStateError(FloatingPointError):
+    """The training state became non-finite (NaN/inf); nothing non-finite was saved.
+
+    Attributes:
+        step: the step at which it was found.
+        since: the last step at which the state was checked and finite (it arose in steps ``since + 1 .. step``).
+        parts: which parts are non-finite: a subset of ``("params", "EMA params", "optimizer state")``.
+        workdir: the run's workdir (None without one).
+        last_checkpoint: the newest checkpoint step in the workdir (None if there is none).
+    """
+
+    def __init__(self, message, *, step, since, parts, workdir, last_checkpoint):
+        super().__init__(message)
+        self.step, self.since, self.parts = step, since, tuple(parts)
+        self.workdir, self.last_checkpoint = workdir, last_checkpoint
+
+
+class TrainingInterrupted(Exception):  # noqa: N818 (it is not an error: the run was stopped on request)
+    """``fit`` was stopped by SIGINT or SIGTERM after a step and saved a checkpoint at exactly that step.
+
+    Attributes:
+        step: the step at which training stopped (the state's step).
+        signal: ``"SIGINT"`` or ``"SIGTERM"``.
+        workdir: the run's workdir (None without one).
+        saved: whether a checkpoint of ``step`` is in the workdir.
+        state: the :class:`TrainState` at ``step``.
+        history: the history up to ``step``.
+    """
+
+    def __init__(self, message, *, step, signal, workdir, saved, state, history):
+        super().__init__(message)
+        self.step, self.signal, self.workdir, self.saved = step, signal, workdir, saved
+        self.state, self.history = state, history
+
+
+_PARTS = ("params", "EMA params", "optimizer state")
+
+
+def _all_finite(tree) -> Array:
+    flags = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
+@jax.jit
+def _finite_parts(state: TrainState) -> Array:
+    """``[params finite, EMA params finite, optimizer state finite]``: one small reduction, outside the step."""
+    return jnp.stack(
+        [_all_finite(state.params), _all_finite(state.ema_params), _all_finite(state.opt_state)]
+    )
+
+
+class _Stop:
+    signal: str | None = None
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """In the main thread: SIGINT/SIGTERM set ``stop.signal`` instead of interrupting (restored on exit).
+
+    The first signal also puts back the default behaviour, so a second one interrupts at once (e.g. during a
+    slow save). Signals the process ignores (``SIG_IGN``, e.g. SIGINT of a background job) stay ignored.
+    """
+    stop = _Stop()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    previous = {}
+
+    def handler(signum, frame):
+        stop.signal = signal.Signals(signum).name
+        for sig in previous:
+            signal.signal(sig, defaults[sig])
+
+    for sig in defaults:
+        old = signal.getsignal(sig)
+        if old is not signal.SIG_IGN:
+            previous[sig] = signal.SIG_DFL if old is None else old
+            signal.signal(sig, handler)
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _restore_run(manager, abstract, run_config, history, window):
+    """The restored state (or None) and the history/window of the restored step (fit's resume)."""
+    from . import checkpoint as ckpt  # noqa: PLC0415
+
+    # total_steps may grow: a longer run continues from the checkpoint (only the schedule's length changes)
+    restored = ckpt.restore_latest(
+        manager, abstract, run_config, ignore=("total_steps",), quarantine=True
+    )
+    if restored is None:
+        return None, history, window
+    extra = restored.meta.get("extra", {})
+    saved = extra.get("history", history)
+    # keep only what was logged up to the restored step (the log is the checkpoint's, not later)
+    keep_n = sum(1 for s in saved.get("step", []) if s <= restored.step)
+    history = {k: list(v)[:keep_n] for k, v in saved.items()}
+    # the metrics of the steps after the last log point, so that the next window mean is the uninterrupted one
+    saved_window = extra.get("window", {})
+    n = len(saved_window.get("loss", []))
+    window = [{k: saved_window[k][i] for k in saved_window} for i in range(n)]
+    return restored.state, history, window
+
+
 def fit(
     apply: Callable,
     params: PyTree,
@@ -506,9 +623,12 @@ def fit(
     fold_in(key, s), n)``), so a resumed run sees the same data. The step's t and ε come from
     ``fold_in(key(seed), s)`` (t = 0 noise, t = 1 data).
 
-    With ``workdir``: if it holds a checkpoint, training resumes from the latest one (its config must equal
-    ``config.to_dict() | extra_config``, else ``ValueError``); a checkpoint is saved every ``checkpoint_every``
-    steps and at the end, keeping the last ``keep``. Resumed and uninterrupted runs give bit-identical states.
+    With ``workdir``: the run holds the workdir's one-writer lock (``diffjax.checkpoint.workdir_lock``; a second
+    writer fails at once with ``WorkdirLockedError``); if it holds a checkpoint, training resumes from the newest
+    intact one (damaged steps are reported in one ``DamagedCheckpointWarning`` line each and moved to
+    ``workdir/damaged/``; its config must equal ``config.to_dict() | extra_config``, else ``ValueError``); a
+    checkpoint is saved every ``checkpoint_every`` steps and at the end, keeping the last ``keep``, each with a
+    manifest of its files' checksums. Resumed and uninterrupted runs give bit-identical states and histories.
     ``total_steps`` is the one key allowed to differ: a run trained to s steps and resumed with a larger
     ``total_steps`` continues from s, with the warm-up + cosine schedule re-planned over the new total (the
     optimizer state does not depend on it).
@@ -516,10 +636,23 @@ def fit(
     Every ``log_every`` steps the metrics averaged over the window are appended to the history, passed to
     ``callback(step, state, metrics)`` and shown on the tqdm bar (which also shows steps/s and the ETA).
 
+    Safety: before every save and at every log point, params, EMA params and optimizer state are checked to be
+    finite (one jitted reduction outside the train step); if not, :class:`NonFiniteStateError` is raised and
+    nothing is saved (the checkpoints on disk stay as they are). In the main thread, SIGINT (Ctrl-C) and SIGTERM
+    stop the loop after the current step, save a checkpoint of exactly that step and raise
+    :class:`TrainingInterrupted`; a second signal interrupts at once.
+
     Returns:
         ``(state, history)``: the final :class:`TrainState` (use ``state.ema_params`` for sampling) and
         ``{"step": [...], "loss": [...], "grad_norm": [...], "lr": [...]}`` (window means; restored from the
         checkpoint on resume, so it covers the whole run).
+
+    Raises:
+        NonFiniteStateError: the state became NaN/inf (the message names the steps, the parts, the last
+            checkpoint and what to change).
+        TrainingInterrupted: SIGINT/SIGTERM (the message says where the checkpoint is and how to resume).
+        diffjax.checkpoint.WorkdirLockedError, diffjax.checkpoint.WorkdirError, diffjax.checkpoint.CheckpointError:
+            another writer, an unusable workdir, every checkpoint damaged.
     """
     if checkpoint_every < 1 or log_every < 1:
         raise ValueError(
@@ -539,65 +672,141 @@ def fit(
         jax.eval_shape(init),
     )
     history: dict[str, list] = {"step": [], "loss": [], "grad_norm": [], "lr": []}
-    manager = None
-    state = None
-    if workdir is not None:
-        from . import checkpoint as ckpt  # noqa: PLC0415 (orbax loads only when a run checkpoints)
+    window: list[dict] = []
+    with contextlib.ExitStack() as stack:
+        manager = None
+        state = None
+        if workdir is not None:
+            from . import checkpoint as ckpt  # noqa: PLC0415 (orbax loads only when a run checkpoints)
 
-        manager = ckpt.make_manager(workdir, keep=keep)
-        # total_steps may grow: a longer run continues from the checkpoint (only the schedule's length changes)
-        restored = ckpt.restore_latest(manager, abstract, run_config, ignore=("total_steps",))
-        if restored is not None:
-            state, restored_step = restored
-            meta = ckpt.read_metadata(manager)
-            saved = meta["extra"].get("history", history)
-            # keep only what was logged up to the restored step (the log is the checkpoint's, not later)
-            keep_n = sum(1 for s in saved.get("step", []) if s <= restored_step)
-            history = {k: list(v)[:keep_n] for k, v in saved.items()}
-    if state is None:
-        state = replicate(init(), mesh)
-    train_step = make_train_step(
-        apply, objective, optimizer, config.ema_decay, schedule=schedule, mesh=mesh, loss_fn=loss_fn
-    )
+            workdir = stack.enter_context(ckpt.workdir_lock(workdir))
+            manager = ckpt.make_manager(workdir, keep=keep)
+            stack.callback(manager.close)  # waits for the last save (and writes its manifest) first
+            state, history, window = _restore_run(manager, abstract, run_config, history, window)
+        if state is None:
+            state = replicate(init(), mesh)
+        stop = stack.enter_context(_stop_on_signals())
+        train_step = make_train_step(
+            apply,
+            objective,
+            optimizer,
+            config.ema_decay,
+            schedule=schedule,
+            mesh=mesh,
+            loss_fn=loss_fn,
+        )
+        loop = _Loop(state, history, window, manager, run_config, workdir)
+        start, total = int(state.step), config.total_steps
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm  # noqa: PLC0415
 
-    start = int(state.step)
-    total = config.total_steps
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm  # noqa: PLC0415
-
-        bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, smoothing=0.1)
-
-    def save(step):
-        if manager is not None:
-            # orbax saves asynchronously: hand it a snapshot, not the lists the loop keeps appending to
-            snapshot = {k: list(v) for k, v in history.items()}
-            ckpt.save(manager, step, state, run_config, extra={"history": snapshot})
-
-    window: list[dict[str, Array]] = []
-    try:
+            bar = stack.enter_context(
+                tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, smoothing=0.1)
+            )
+        done = start
         for s in range(start, total):
-            state, metrics = train_step(state, shard_batch(batch_fn(s), mesh))
-            window.append(metrics)
+            loop.state, metrics = train_step(loop.state, shard_batch(batch_fn(s), mesh))
+            loop.window.append(metrics)
             done = s + 1
             if done % log_every == 0 or done == total:
-                means = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
-                window = []
-                history["step"].append(done)
-                for k in ("loss", "grad_norm", "lr"):
-                    history[k].append(means[k])
+                means = loop.log(done)
                 if callback is not None:
-                    callback(done, state, means)
+                    callback(done, loop.state, means)
                 if bar is not None:
                     bar.set_postfix(loss=f"{means['loss']:.4g}", lr=f"{means['lr']:.2e}")
             if bar is not None:
                 bar.update(1)
             if done % checkpoint_every == 0 or done == total:
-                save(done)
-    finally:
-        if bar is not None:
-            bar.close()
-        if manager is not None:
-            manager.wait_until_finished()
-            manager.close()
-    return state, history
+                loop.save(done)
+            if stop.signal is not None:
+                break
+        if stop.signal is not None:
+            raise loop.interrupted(done, stop.signal)
+    return loop.state, loop.history
+
+
+class _Loop:
+    """The mutable part of :func:`fit`'s loop: state, history, the current log window, saving and checks."""
+
+    def __init__(self, state, history, window, manager, run_config, workdir):
+        self.state, self.history, self.window = state, history, window
+        self.manager, self.run_config, self.workdir = manager, run_config, workdir
+        self.finite_at = int(
+            state.step
+        )  # a restored state was verified; a fresh one is the caller's
+
+    def check_finite(self, step: int, where: str) -> None:
+        if self.finite_at == step:
+            return
+        flags = np.asarray(_finite_parts(self.state))
+        if flags.all():
+            self.finite_at = step
+            return
+        parts = [name for name, ok in zip(_PARTS, flags, strict=True) if not ok]
+        last = None
+        if self.manager is not None:
+            self.manager.wait_until_finished()
+            last = max(self.manager.all_steps(), default=None)
+        saved = (
+            "no workdir, nothing saved"
+            if self.manager is None
+            else f"not saved; the last checkpoint in {self.workdir} is step "
+            f"{'none' if last is None else last}"
+        )
+        steps = (
+            f"step {step}" if step == self.finite_at + 1 else f"steps {self.finite_at + 1}-{step}"
+        )
+        raise NonFiniteStateError(
+            f"training state became non-finite (NaN/inf) {where} {step}: {', '.join(parts)} "
+            f"(finite at step {self.finite_at}, so it arose in {steps}); {saved}. Lower the learning rate, "
+            "clip gradients (TrainConfig.grad_clip) or check the data for NaN/inf",
+            step=step,
+            since=self.finite_at,
+            parts=parts,
+            workdir=self.workdir,
+            last_checkpoint=last,
+        )
+
+    def log(self, done: int) -> dict[str, float]:
+        means = {k: float(np.mean([float(m[k]) for m in self.window])) for k in self.window[0]}
+        self.check_finite(done, "at the log point of step")
+        self.window = []
+        self.history["step"].append(done)
+        for k in ("loss", "grad_norm", "lr"):
+            self.history[k].append(means[k])
+        return means
+
+    def save(self, step: int) -> bool:
+        if self.manager is None:
+            return False
+        from . import checkpoint as ckpt  # noqa: PLC0415
+
+        self.check_finite(step, "before saving step")
+        # orbax saves asynchronously: hand it snapshots, not the lists the loop keeps appending to
+        extra = {
+            "history": {k: list(v) for k, v in self.history.items()},
+            "window": {k: [float(m[k]) for m in self.window] for k in ("loss", "grad_norm", "lr")},
+        }
+        return ckpt.save(self.manager, step, self.state, self.run_config, extra=extra)
+
+    def interrupted(self, step: int, name: str) -> TrainingInterrupted:
+        saved = False
+        if self.manager is not None:
+            self.save(step)
+            self.manager.wait_until_finished()
+            saved = step in self.manager.all_steps()
+        where = (
+            f"checkpoint saved in {self.workdir} (resume by running the same command again)"
+            if saved
+            else "no workdir, nothing was saved"
+        )
+        return TrainingInterrupted(
+            f"interrupted by {name} at step {step}; {where}",
+            step=step,
+            signal=name,
+            workdir=self.workdir,
+            saved=saved,
+            state=self.state,
+            history=self.history,
+        )

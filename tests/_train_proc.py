@@ -2,10 +2,13 @@
 
 Modes:
 
-* ``resume --workdir D --steps N --checkpoint-every K [--sleep S]``: runs ``diffjax.train.fit`` on a tiny MLP with
-  flow matching on 2-D data (t = 0 noise, t = 1 data), resuming from D's latest checkpoint; prints JSON
-  ``{"start": first step run, "step": final step}`` and writes the final state's leaves to ``D/final.npz``.
-  ``--sleep`` slows every step so that a test can kill the process mid-run.
+* ``resume --workdir D --steps N --checkpoint-every K [--sleep S] [--progress FILE]``: runs ``diffjax.train.fit``
+  on a tiny MLP with flow matching on 2-D data (t = 0 noise, t = 1 data), resuming from D's latest checkpoint;
+  prints JSON ``{"start": first step run, "step": final step}`` and writes the final state's leaves to
+  ``D/final.npz``. ``--sleep`` slows every step so that a test can kill or signal the process mid-run;
+  ``--progress`` names a file rewritten after every step with the step number. On ``TrainingInterrupted`` it
+  prints JSON ``{"interrupted": step, "signal", "saved", "message", "start"}`` and exits with 128 + the signal
+  number; on another exception JSON ``{"error": type name, "message", "seconds": time spent inside fit}``, exit 1.
 * ``devices --steps N``: trains N steps on a mesh of all devices and on a mesh of one device (run it with
   ``XLA_FLAGS=--xla_force_host_platform_device_count=8``) and prints JSON with both loss trajectories, the
   largest parameter difference and the shardings seen.
@@ -16,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import sys
 import time
 
 import jax
@@ -43,22 +48,37 @@ def resume(args):
     def callback(step, state, metrics):
         if not started:
             started.append(step - 1)
+        if args.progress:
+            tmp = f"{args.progress}.tmp"
+            with open(tmp, "w") as f:
+                f.write(str(step))
+            os.replace(tmp, args.progress)
         if args.sleep:
             time.sleep(args.sleep)
 
-    state, history = train.fit(
-        apply,
-        params,
-        losses.flow_matching(),
-        batch_fn,
-        config,
-        workdir=args.workdir,
-        checkpoint_every=args.checkpoint_every,
-        keep=2,
-        log_every=1,
-        callback=callback,
-        progress=False,
-    )
+    t0 = time.monotonic()
+    try:
+        state, history = train.fit(
+            apply,
+            params,
+            losses.flow_matching(),
+            batch_fn,
+            config,
+            workdir=args.workdir,
+            checkpoint_every=args.checkpoint_every,
+            keep=2,
+            log_every=1,
+            callback=callback,
+            progress=False,
+        )
+    except train.TrainingInterrupted as e:
+        info = {"interrupted": e.step, "signal": e.signal, "saved": e.saved, "message": str(e)}
+        print(json.dumps({**info, "start": started[0] if started else None}), flush=True)
+        sys.exit(128 + signal.Signals[e.signal].value)
+    except Exception as e:  # noqa: BLE001 (reported to the test)
+        info = {"error": type(e).__name__, "message": str(e), "seconds": time.monotonic() - t0}
+        print(json.dumps(info), flush=True)
+        sys.exit(1)
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
     np.savez(
         os.path.join(args.workdir, "final.npz"),
@@ -124,6 +144,7 @@ def main():
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--checkpoint-every", type=int, default=10)
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--progress")
     args = parser.parse_args()
     {"resume": resume, "devices": devices}[args.mode](args)
 

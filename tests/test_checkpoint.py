@@ -49,7 +49,7 @@ def test_round_trip_is_exact(tmp_path):
     manager.wait_until_finished()
     manager.close()
     abstract = jax.eval_shape(lambda: state)
-    restored, step = checkpoint.restore_latest(tmp_path, abstract, config.to_dict())
+    restored, step, _ = checkpoint.restore_latest(tmp_path, abstract, config.to_dict())
     assert step == 2
     assert_trees_equal(restored, state)
     assert int(restored.step) == 2
@@ -73,7 +73,7 @@ def test_keeps_last_k(tmp_path):
     assert list(manager.all_steps()) == [4, 5]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["4", "5"]
     manager.close()
-    restored, step = checkpoint.restore_latest(tmp_path, jax.eval_shape(lambda: state), {"a": 1})
+    restored, step, _ = checkpoint.restore_latest(tmp_path, jax.eval_shape(lambda: state), {"a": 1})
     assert step == 5
     np.testing.assert_array_equal(restored["w"], [0.0, 5.0, 10.0])
 
@@ -93,7 +93,9 @@ def test_refuses_incompatible_config(tmp_path):
         checkpoint.restore_latest(tmp_path, abstract, {**config.to_dict(), "extra_key": 1})
     # ignored keys may differ; the others are still checked
     longer = config.replace(total_steps=99).to_dict()
-    restored, step = checkpoint.restore_latest(tmp_path, abstract, longer, ignore=("total_steps",))
+    restored, step, _ = checkpoint.restore_latest(
+        tmp_path, abstract, longer, ignore=("total_steps",)
+    )
     assert step == 2
     assert_trees_equal(restored, state)
     with pytest.raises(ValueError, match="seed"):
@@ -135,21 +137,27 @@ def test_refuses_different_parameter_shapes(tmp_path):
     assert "[16]" in str(info.value) and "[32]" in str(info.value)
 
 
-def _env():
-    return dict(
+def _env(cache_dir=None):
+    env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
         PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
     )
+    if (
+        cache_dir is not None
+    ):  # the test's processes share their compilations (same programs, same numbers)
+        env.update(
+            JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        )
+    return env
 
 
-def _cmd(workdir, sleep):
-    return [sys.executable, HELPER, "resume", "--workdir", str(workdir), "--steps", "60"] + [
-        "--checkpoint-every",
-        "10",
-        "--sleep",
-        str(sleep),
-    ]
+def _cmd(workdir, sleep, progress=None):
+    cmd = [sys.executable, HELPER, "resume", "--workdir", str(workdir), "--steps", "60"]
+    cmd += ["--checkpoint-every", "10", "--sleep", str(sleep)]
+    return cmd + (["--progress", str(progress)] if progress else [])
 
 
 def _finalized_steps(workdir):
@@ -158,41 +166,106 @@ def _finalized_steps(workdir):
     return sorted(int(p.name) for p in workdir.iterdir() if p.name.isdigit())
 
 
-def test_kill_and_resume_is_bit_identical(tmp_path):
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
+def _wait_for(condition, proc, what, timeout=240):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the training process ended before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def _progress(path):
+    try:
+        return int(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return -1
+
+
+def _signal_and_collect(workdir, sig, tmp_path):
+    """Resume ``workdir`` slowly, send ``sig`` after a few steps; the JSON report and the finalised steps."""
+    progress = tmp_path / f"progress_{sig.name}"
+    proc = subprocess.Popen(
+        _cmd(workdir, 0.1, progress),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    start = max(_finalized_steps(workdir))
+    _wait_for(lambda: _progress(progress) >= start + 2, proc, f"step {start + 2} before {sig.name}")
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + sig.value, err[-3000:]
+    assert "Traceback" not in err
+    return json.loads(out.strip().splitlines()[-1]), _finalized_steps(workdir)
+
+
+def test_kill_interrupt_and_resume_are_bit_identical(tmp_path):
+    """One run: kill -9, resume and SIGINT, resume and SIGTERM, resume to the end; a second writer meanwhile.
+
+    Ends bit-identical to an uninterrupted run; each interrupt saved exactly the step it stopped at; the lock of a
+    killed holder is free; a second fit on a held workdir fails at once naming the holder's pid.
+    """
+    reference, run = tmp_path / "reference", tmp_path / "run"
     # the uninterrupted run and the run to be killed go side by side
+    env = _env(tmp_path / "jax_cache")
     ref_proc = subprocess.Popen(
-        _cmd(reference, 0.0), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        _cmd(reference, 0.0), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     victim = subprocess.Popen(
-        _cmd(killed, 0.1), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _cmd(run, 0.1), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.monotonic() + 240
-    while not _finalized_steps(killed):
-        assert victim.poll() is None, "the training process ended before writing a checkpoint"
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
+    _wait_for(lambda: _finalized_steps(run), victim, "writing a checkpoint")
+
+    # a second writer (this test process) on the held workdir is refused at once, naming the holder
+    apply, params = nn.split(nn.MLP(2, hidden=16, depth=2, time_dim=8, rngs=nnx.Rngs(0)))
+    config = train.TrainConfig(learning_rate=3e-3, warmup_steps=5, total_steps=60, batch_size=32)
+    t0 = time.monotonic()
+    with pytest.raises(checkpoint.WorkdirLockedError) as info:
+        train.fit(apply, params, losses.flow_matching(), lambda s: None, config, workdir=run)
+    assert time.monotonic() - t0 < 2
+    message = str(info.value)
+    assert f"pid {victim.pid} on " in message and "_train_proc.py resume" in message
+    assert message.endswith("wait for it to finish, or use another workdir") and "\n" not in message
+    assert victim.poll() is None  # the holder is unaffected
+
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert victim.returncode == -signal.SIGKILL
-    assert not (killed / "final.npz").exists()
-    steps_at_kill = _finalized_steps(killed)
+    assert not (run / "final.npz").exists()
+    steps_at_kill = _finalized_steps(run)
     assert steps_at_kill and max(steps_at_kill) < 60
+    with checkpoint.workdir_lock(run):  # the OS released the killed holder's lock
+        pass
+
+    # resume, then Ctrl-C: stops after a step and saves exactly that step; then the same with SIGTERM
+    seen = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        before = max(_finalized_steps(run))
+        info, steps = _signal_and_collect(run, sig, tmp_path)
+        assert info["signal"] == sig.name and info["saved"] is True and info["start"] == before
+        assert before + 2 <= info["interrupted"] < 60 and max(steps) == info["interrupted"]
+        assert info["message"] == (
+            f"interrupted by {sig.name} at step {info['interrupted']}; checkpoint saved in {run} "
+            "(resume by running the same command again)"
+        )
+        assert checkpoint.verify_step(run, info["interrupted"]) is None
+        seen[sig.name] = info["interrupted"]
 
     out, err = ref_proc.communicate(timeout=240)
     assert ref_proc.returncode == 0, err[-3000:]
     resumed = subprocess.run(
-        _cmd(killed, 0.0), env=_env(), capture_output=True, text=True, timeout=240
+        _cmd(run, 0.0), env=_env(), capture_output=True, text=True, timeout=240
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     info = json.loads(resumed.stdout.strip().splitlines()[-1])
-    assert 0 < info["start"] < 60 and info["start"] >= max(
-        steps_at_kill
-    )  # it resumed, not restarted
-    assert info["step"] == 60 and info["n_history"] == 60  # the loss history survived the kill
+    assert info["start"] == seen["SIGTERM"]  # it resumed, not restarted
+    assert (
+        info["step"] == 60 and info["n_history"] == 60
+    )  # the loss history survived kill and signals
 
     a = np.load(reference / "final.npz")
-    b = np.load(killed / "final.npz")
+    b = np.load(run / "final.npz")
     assert sorted(a.files) == sorted(b.files) and any("params" in k for k in a.files)
     for k in a.files:
         assert np.array_equal(a[k], b[k]), k

@@ -311,3 +311,179 @@ def test_multi_device_matches_single_device():
     np.testing.assert_allclose(out["loss_many"], out["loss_one"], rtol=1e-5)
     assert out["max_param_diff"] < 1e-5
     assert "not divisible" in out["indivisible_error"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fit's safety: non-finite states are never saved; SIGINT/SIGTERM stop after a step with a checkpoint
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _fit(workdir, total=6, batch_fn=None, **kw):
+    config = train.TrainConfig(learning_rate=3e-3, warmup_steps=1, total_steps=total, batch_size=16)
+    apply, params = tiny(16)
+    if batch_fn is None:
+        batch_fn = train.dataset_batch_fn(
+            data.toy_sample("moons", jax.random.key(1), 128), 16, jax.random.key(2)
+        )
+    kw = dict(dict(checkpoint_every=2, log_every=3, progress=False), **kw)
+    return train.fit(apply, params, losses.flow_matching(), batch_fn, config, workdir=workdir, **kw)
+
+
+@pytest.mark.parametrize(
+    "log_every, total, message",
+    [
+        (
+            3,
+            6,
+            r"at the log point of step 6: params, EMA params, optimizer state \(finite at step 4, "
+            r"so it arose in steps 5-6\); not saved; the last checkpoint in \S+ is step 4\. Lower the learning",
+        ),
+        (
+            100,
+            8,
+            r"before saving step 6: params, EMA params, optimizer state \(finite at step 4, so it arose "
+            r"in steps 5-6\); not saved; the last checkpoint in \S+ is step 4\. Lower the learning rate, clip "
+            r"gradients \(TrainConfig.grad_clip\) or check the data for NaN/inf",
+        ),
+    ],
+    ids=["at a log point", "before a save"],
+)
+def test_nonfinite_state_is_never_saved(tmp_path, log_every, total, message):
+    from diffjax import checkpoint
+
+    good = train.dataset_batch_fn(
+        data.toy_sample("moons", jax.random.key(1), 128), 16, jax.random.key(2)
+    )
+
+    def batch_fn(s):  # the data of step 5 (index 4) holds a NaN
+        batch = good(s)
+        return np.where(s == 4, np.nan, batch) if s == 4 else batch
+
+    seen = []
+    with pytest.raises(train.NonFiniteStateError, match=message) as info:
+        _fit(
+            tmp_path,
+            total=total,
+            batch_fn=batch_fn,
+            log_every=log_every,
+            callback=lambda s, st, m: seen.append(s),
+        )
+    error = info.value
+    assert isinstance(error, FloatingPointError) and "\n" not in str(error)
+    assert (error.step, error.since, error.last_checkpoint) == (6, 4, 4)
+    assert error.parts == ("params", "EMA params", "optimizer state")
+    assert 6 not in seen  # the callback never sees the non-finite state
+    steps = sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit())
+    assert steps == [2, 4]  # nothing saved at or after the NaN
+    for step in steps:
+        assert checkpoint.verify_step(tmp_path, step) is None
+    restored = checkpoint.restore_latest(
+        tmp_path,
+        jax.eval_shape(
+            lambda: train.init_state(
+                tiny(16)[1], train.make_optimizer(train.TrainConfig()), jax.random.key(0)
+            )
+        ),
+        checkpoint.read_metadata(tmp_path)["config"],
+    )
+    assert restored.step == 4
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.state))
+    # without a workdir the message says nothing was saved
+    with pytest.raises(train.NonFiniteStateError, match="no workdir, nothing saved"):
+        _fit(None, total=total, batch_fn=batch_fn, log_every=log_every)
+
+
+def test_huge_learning_rate_stops_with_the_step(tmp_path):
+    config = train.TrainConfig(
+        learning_rate=1e30, warmup_steps=1, total_steps=6, batch_size=16, grad_clip=float("inf")
+    )
+    apply, params = tiny(16)
+    batch_fn = lambda s: data.toy_sample("moons", jax.random.key(s), 16)
+    with pytest.raises(train.NonFiniteStateError, match=r"step \d") as info:
+        train.fit(
+            apply,
+            params,
+            losses.flow_matching(),
+            batch_fn,
+            config,
+            workdir=tmp_path,
+            checkpoint_every=100,
+            log_every=1,
+            progress=False,
+        )
+    assert info.value.step <= 3 and info.value.last_checkpoint is None
+    assert "last checkpoint in" in str(info.value) and "is step none" in str(info.value)
+    assert not [p for p in tmp_path.iterdir() if p.name.isdigit()]
+
+
+def _in_main_thread():
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be installed in the main thread")
+
+
+def test_sigint_saves_the_current_step_and_resumes_bit_identically(tmp_path):
+    import signal
+
+    from diffjax import checkpoint
+
+    _in_main_thread()
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    good = train.dataset_batch_fn(
+        data.toy_sample("moons", jax.random.key(1), 128), 16, jax.random.key(2)
+    )
+
+    def batch_fn(s):  # Ctrl-C while step 3 (index 2) runs: inside a log window of 2 steps
+        if s == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return good(s)
+
+    with pytest.raises(train.TrainingInterrupted) as info:
+        _fit(tmp_path, batch_fn=batch_fn, log_every=2)
+    error = info.value
+    assert str(error) == (
+        f"interrupted by SIGINT at step 3; checkpoint saved in {tmp_path} "
+        "(resume by running the same command again)"
+    )
+    assert (error.step, error.signal, error.saved, error.workdir) == (
+        3,
+        "SIGINT",
+        True,
+        str(tmp_path),
+    )
+    assert int(error.state.step) == 3 and error.history["step"] == [2]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [2, 3]
+    assert checkpoint.verify_step(tmp_path, 3) is None
+
+    # resumed == uninterrupted, the state bit for bit and the history (the window 3-4 spans the interrupt)
+    resumed, hist = _fit(tmp_path, log_every=2)
+    reference, ref_hist = _fit(None, log_every=2)
+    assert hist == ref_hist and hist["step"] == [2, 4, 6]
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(resumed.step) == 6
+    # negative control: the checkpoint of step 3 is not the final state
+    assert not np.array_equal(
+        np.asarray(jax.tree.leaves(error.state.params)[0]),
+        np.asarray(jax.tree.leaves(resumed.params)[0]),
+    )
+
+
+def test_second_signal_interrupts_at_once():
+    import signal
+
+    _in_main_thread()
+    before = signal.getsignal(signal.SIGINT)
+
+    def twice(step, state, metrics):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(
+                os.getpid(), signal.SIGINT
+            )  # the second one: the default, KeyboardInterrupt at once
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit(None, log_every=1, callback=twice)
+    assert signal.getsignal(signal.SIGINT) is before
