@@ -36,13 +36,36 @@ def tiny_model():
     return nn.split(model)
 
 
-def resume(args):
+def train_run(workdir, steps, checkpoint_every, callback=None):
+    """The run of ``resume`` (also called in-process by the tests for an uninterrupted reference)."""
     apply, params = tiny_model()
     config = train.TrainConfig(
-        learning_rate=3e-3, warmup_steps=5, total_steps=args.steps, batch_size=32, ema_decay=0.9
+        learning_rate=3e-3, warmup_steps=5, total_steps=steps, batch_size=32, ema_decay=0.9
     )
     xs = data.toy_sample("8gaussians", jax.random.key(1), 512)
     batch_fn = train.dataset_batch_fn(xs, config.batch_size, jax.random.key(2))
+    return train.fit(
+        apply,
+        params,
+        losses.flow_matching(),
+        batch_fn,
+        config,
+        workdir=workdir,
+        checkpoint_every=checkpoint_every,
+        keep=2,
+        log_every=1,
+        callback=callback,
+        progress=False,
+    )
+
+
+def flat_leaves(state) -> dict[str, np.ndarray]:
+    """``{key path: array}`` of every leaf of ``state`` (what ``final.npz`` holds)."""
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+
+
+def resume(args):
     started = []
 
     def callback(step, state, metrics):
@@ -58,19 +81,7 @@ def resume(args):
 
     t0 = time.monotonic()
     try:
-        state, history = train.fit(
-            apply,
-            params,
-            losses.flow_matching(),
-            batch_fn,
-            config,
-            workdir=args.workdir,
-            checkpoint_every=args.checkpoint_every,
-            keep=2,
-            log_every=1,
-            callback=callback,
-            progress=False,
-        )
+        state, history = train_run(args.workdir, args.steps, args.checkpoint_every, callback)
     except train.TrainingInterrupted as e:
         info = {"interrupted": e.step, "signal": e.signal, "saved": e.saved, "message": str(e)}
         print(json.dumps({**info, "start": started[0] if started else None}), flush=True)
@@ -79,11 +90,7 @@ def resume(args):
         info = {"error": type(e).__name__, "message": str(e), "seconds": time.monotonic() - t0}
         print(json.dumps(info), flush=True)
         sys.exit(1)
-    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-    np.savez(
-        os.path.join(args.workdir, "final.npz"),
-        **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves},
-    )
+    np.savez(os.path.join(args.workdir, "final.npz"), **flat_leaves(state))
     print(
         json.dumps(
             {

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import _train_proc  # the helper process's run, for an in-process reference (tests/ is on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -206,15 +207,14 @@ def test_kill_interrupt_and_resume_are_bit_identical(tmp_path):
     Ends bit-identical to an uninterrupted run; each interrupt saved exactly the step it stopped at; the lock of a
     killed holder is free; a second fit on a held workdir fails at once naming the holder's pid.
     """
-    reference, run = tmp_path / "reference", tmp_path / "run"
-    # the uninterrupted run and the run to be killed go side by side
+    run = tmp_path / "run"
     env = _env(tmp_path / "jax_cache")
-    ref_proc = subprocess.Popen(
-        _cmd(reference, 0.0), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
     victim = subprocess.Popen(
         _cmd(run, 0.1), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
+    # meanwhile the uninterrupted run, here (the same programs: same XLA flags, one CPU device)
+    reference_state, reference_history = _train_proc.train_run(None, 60, 10)
+    reference = _train_proc.flat_leaves(reference_state)
     _wait_for(lambda: _finalized_steps(run), victim, "writing a checkpoint")
 
     # a second writer (this test process) on the held workdir is refused at once, naming the holder
@@ -252,8 +252,6 @@ def test_kill_interrupt_and_resume_are_bit_identical(tmp_path):
         assert checkpoint.verify_step(run, info["interrupted"]) is None
         seen[sig.name] = info["interrupted"]
 
-    out, err = ref_proc.communicate(timeout=240)
-    assert ref_proc.returncode == 0, err[-3000:]
     resumed = subprocess.run(
         _cmd(run, 0.0), env=_env(), capture_output=True, text=True, timeout=240
     )
@@ -264,11 +262,12 @@ def test_kill_interrupt_and_resume_are_bit_identical(tmp_path):
         info["step"] == 60 and info["n_history"] == 60
     )  # the loss history survived kill and signals
 
-    a = np.load(reference / "final.npz")
+    a = reference
     b = np.load(run / "final.npz")
-    assert sorted(a.files) == sorted(b.files) and any("params" in k for k in a.files)
-    for k in a.files:
+    assert sorted(a) == sorted(b.files) and any("params" in k for k in a)
+    for k in a:
         assert np.array_equal(a[k], b[k]), k
+    assert len(reference_history["loss"]) == 60
     # negative control: the run did change the parameters (the comparison is not between two initial states)
     init = nn.split(nn.MLP(2, hidden=16, depth=2, time_dim=8, rngs=nnx.Rngs(0)))[1]
     first = jax.tree_util.tree_flatten_with_path(init)[0][0]
