@@ -16,7 +16,9 @@ The pieces follow optax's pure ``init``/``update`` style:
   (:func:`ema_decay_at`), so a short run's EMA does not still weigh the initial parameters (a ``tree_map``; not
   ``optax.ema``, which averages updates).
 * :func:`make_mesh`, :func:`shard_batch`, :func:`replicate` — data parallelism (below).
-* :func:`fit` — the loop: resume from the latest checkpoint, train, log, save every N steps and at the end.
+* :func:`fit` — the loop: resume from the newest intact checkpoint, train, log, save every N steps and at the end;
+  one writer per workdir, a non-finite state is never saved (:class:`NonFiniteStateError`), and SIGINT/SIGTERM
+  save the current step and raise :class:`TrainingInterrupted`.
 
 Data parallelism
 ----------------
