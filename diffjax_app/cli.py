@@ -252,7 +252,7 @@ _SUMMARY_KEYS = {
     "sample": (
         "n", "step", "nfe_mean", "energy_distance", "energy_distance_floor", "mmd_rbf", "mmd_rbf_floor",
         "mmd_p_value", "support_fraction", "support_fraction_se", "cross_entropy", "cross_entropy_se",
-        "data_entropy", "sample_wall_s", "figures", "warnings",
+        "data_entropy", "power_vs_blur", "power_vs_off_support", "sample_wall_s", "figures", "warnings",
     ),
     "likelihood": (
         "data", "trained_on", "n", "step", "nll", "nll_se", "true_nll", "bits_per_dim", "bits_per_dim_se",
@@ -386,6 +386,10 @@ def _one_line_warnings(prog: str):
     """Show Python warnings (e.g. a damaged checkpoint skipped) as one line each on stderr."""
     with warnings.catch_warnings():
         warnings.simplefilter("default")
+        warnings.simplefilter(
+            "ignore", DeprecationWarning
+        )  # dependencies' deprecations are not the user's
+        warnings.simplefilter("ignore", FutureWarning)
         warnings.showwarning = lambda message, category, *a, **k: notice(
             f"warning: {message}", prefix=prog
         )

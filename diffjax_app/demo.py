@@ -79,7 +79,7 @@ def run_demo(args, t_start: float, progress: bool) -> dict:
     for name, path in files.items():
         log(f"  {name:13s} {path}")
     keys = ("energy_distance", "energy_distance_floor", "mmd_rbf", "mmd_rbf_floor", "mmd_p_value",
-            "support_fraction", "support_fraction_se")  # fmt: skip
+            "support_fraction", "support_fraction_se", "power_vs_blur", "power_vs_off_support")  # fmt: skip
     return {
         "command": "demo",
         "workdir": workdir,

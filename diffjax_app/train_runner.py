@@ -22,11 +22,10 @@ from .config import ExperimentConfig
 from .errors import NonFiniteError, RunError, notice
 from .workdir import (
     EXPERIMENT_FILE,
-    has_checkpoint,
-    latest_step,
     load_config,
     make_run_dir,
     read_metrics,
+    steps_in,
     try_write,
     update_metrics,
     write_json,
@@ -39,7 +38,7 @@ def _prepare(workdir: str, config: ExperimentConfig) -> int:
     """Refuse a workdir holding another run, or trained further than ``config.steps``; write experiment.json.
 
     Returns the step the run resumes from (0 for a new run)."""
-    trained = latest_step(workdir) if has_checkpoint(workdir) else 0
+    trained = _intact_step(workdir)
     if os.path.exists(os.path.join(workdir, EXPERIMENT_FILE)) and trained:
         diff = load_config(workdir).differences(config)
         if diff:
@@ -60,6 +59,15 @@ def _prepare(workdir: str, config: ExperimentConfig) -> int:
         notice(f"resuming {workdir} from step {trained} to {config.steps}")
     write_json(os.path.join(workdir, EXPERIMENT_FILE), config.to_dict())
     return trained
+
+
+def _intact_step(workdir: str) -> int:
+    """The newest checkpoint step that verifies (0 if none): a damaged newer one is left to ``fit``, which
+    reports it in one line, moves it aside and resumes from this one."""
+    for step in sorted(steps_in(workdir), reverse=True):
+        if ckpt.verify_step(workdir, step) is None:
+            return step
+    return 0
 
 
 def _first_step_timer(batch_fn, t_start: float):

@@ -32,6 +32,7 @@ __all__ = [
     "RestoredRun",
     "check_run_dir",
     "make_run_dir",
+    "steps_in",
     "has_checkpoint",
     "latest_step",
     "load_config",
@@ -80,7 +81,9 @@ def make_run_dir(workdir) -> str:
     return workdir
 
 
-def _steps(workdir: str) -> list[int]:
+def steps_in(workdir) -> list[int]:
+    """The checkpoint steps in ``workdir`` (directories named by their step; integrity is not checked)."""
+    workdir = os.fspath(workdir)
     if not os.path.isdir(workdir):
         return []
     return sorted(
@@ -92,12 +95,12 @@ def _steps(workdir: str) -> list[int]:
 
 def has_checkpoint(workdir) -> bool:
     """Whether ``workdir`` holds a checkpoint directory (named by its step; integrity is checked on restore)."""
-    return bool(_steps(os.fspath(workdir)))
+    return bool(steps_in(workdir))
 
 
 def latest_step(workdir) -> int:
     """The largest checkpoint step in ``workdir`` (0 if none)."""
-    steps = _steps(os.fspath(workdir))
+    steps = steps_in(workdir)
     return steps[-1] if steps else 0
 
 
