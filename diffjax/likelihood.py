@@ -93,7 +93,11 @@ class LikelihoodResult(eqx.Module):
             not known. The diagnosis evaluates u (without its divergence) once more, at (t1, x).
         t0, t1: the integration interval (noise end, data end).
         status: 0 on success, else a :mod:`diffjax.solve` code (returned with ``throw=False``;
-            :func:`diffjax.solve.raise_if_failed` raises its message on the host).
+            :func:`diffjax.solve.raise_if_failed` raises its message on the host). ``NONFINITE_INPUT`` for an x
+            that holds NaN/inf (then ``log_prob`` and ``x0`` are NaN; the solve ran on zeros).
+        t_fail: for ``NONFINITE_FIELD`` the time where the velocity turns NaN/inf (the backward solve, which
+            runs from the data end t1 down to the noise end t0, could not get below it), for ``MAX_STEPS`` /
+            ``SOLVER_FAILED`` where the solve stopped; NaN otherwise. t = 0 noise, t = 1 data.
         dtype: the floating-point precision of the computation, ``"float32"`` or ``"float64"``.
     """
 
@@ -111,27 +115,40 @@ class LikelihoodResult(eqx.Module):
     t0: Float[Array, ""]
     t1: Float[Array, ""]
     status: Int[Array, ""]
+    t_fail: Float[Array, ""]
     dtype: str = eqx.field(static=True)
     messages: tuple = eqx.field(static=True, default=())
 
 
 def _messages(max_steps):
     return {
+        solve.NONFINITE_INPUT: (
+            "diffjax.log_likelihood: the data point x holds NaN/inf (check the input data: missing values, or a "
+            "preprocessing or dequantisation step that produced NaN/inf); its log_prob is NaN"
+        ),
         solve.NONFINITE_END: (
             "diffjax.log_likelihood: the velocity field is NaN/inf at the data end t1 for this x; paths "
             "singular at t = 1 (e.g. VPPath) or data-prediction models (whose conversion divides by sigma) need "
             "t1 < 1, ε/score models t0 > 0: pass t0, t1 = diffjax.integration_interval(path, kind)"
         ),
+        solve.NONFINITE_FIELD: (
+            "diffjax.log_likelihood: the velocity field is NaN/inf inside the interval, just below t = {t} "
+            "(t = 0 noise, t = 1 data; the likelihood integrates from the data end t1 down to the noise end t0 "
+            "and could not get below t = {t}): the model diverged there, or a kind conversion divides by alpha "
+            "or sigma where it vanishes; evaluate the field just below that t, and if t is near the noise end "
+            "pass t0, t1 = diffjax.integration_interval(path, kind)"
+        ),
         solve.MAX_STEPS: (
-            f"diffjax.log_likelihood: the ODE solver reached max_steps={max_steps} before getting from the data "
-            "end t1 to the noise end t0. Fix: raise max_steps, loosen rtol/atol, or pass num_steps for a fixed "
-            "grid. (A field that is NaN/inf near t0, e.g. an eps/score model where alpha = 0, also exhausts "
-            "max_steps: pass t0, t1 = diffjax.integration_interval(path, kind).)"
+            f"diffjax.log_likelihood: the ODE solver reached max_steps={max_steps} at t = {{t}} on its way from "
+            "the data end t1 down to the noise end t0 (t = 0 noise, t = 1 data), with a finite field. Fix: raise "
+            "max_steps, loosen rtol/atol, or pass num_steps for a fixed grid (if t is near t0, a field that "
+            "grows like 1/alpha there, e.g. an eps/score model: pass t0, t1 = diffjax.integration_interval(path, "
+            "kind))"
         ),
         solve.SOLVER_FAILED: (
-            "diffjax.log_likelihood: the ODE solve failed (diffrax returned an unsuccessful result other than "
-            "max_steps, e.g. a step size that underflowed); check the velocity field for singularities on "
-            "[t0, t1]"
+            "diffjax.log_likelihood: the ODE solve failed at t = {t} (diffrax returned an unsuccessful result "
+            "other than max_steps, e.g. a step size that underflowed); check the velocity field for "
+            "singularities on [t0, t1]"
         ),
         solve.NONFINITE: (
             "diffjax.log_likelihood: non-finite log-likelihood (NaN/inf): the divergence or the trajectory blew "
@@ -238,12 +255,17 @@ def log_likelihood_with_stats(
     Raises:
         ValueError: bad ``trace``/``probe``/``endpoint``/``num_probes``/``num_steps``/interval, or a Hutchinson
             trace without ``key``.
-        EquinoxRuntimeError (``throw=True``, also under jit): NaN/inf field at an end, ``max_steps``, another
-            solver failure, or a non-finite result.
+        EquinoxRuntimeError (``throw=True``, also under jit): NaN/inf in x, a NaN/inf field at the data end or
+            inside the interval (the message names the time), ``max_steps``, another solver failure, or a
+            non-finite result.
     """
     _check_args(endpoint, num_steps, max_steps)
     trace = as_trace(trace, num_probes=num_probes, probe=probe, chunk_size=chunk_size)
     x = _as_float(x)
+    # A NaN/inf data point is reported as such (not as a NaN field), and solved as zeros so that one bad row of a
+    # vmapped batch does not keep the whole batch stepping until max_steps.
+    x_ok = jnp.all(jnp.isfinite(x))
+    x = jnp.where(x_ok, x, jnp.zeros_like(x))
     t_lo, t_hi = solve.interval(path, t0, t1, x.dtype)
     x_start, correction, sigma_ratio, log_a1 = _endpoint(path, t_hi, x, endpoint)
     data = (trace.init(key, x), t_lo, t_hi)
@@ -258,7 +280,7 @@ def log_likelihood_with_stats(
     # One evaluation at the data end, where the backward solve starts and singular fields usually break (a NaN
     # there makes the controller reject every step, which would otherwise read as max_steps).
     ends_ok = jnp.all(jnp.isfinite(velocity(t_hi, x_start)))
-    sol, status, nfe = solve.diffeqsolve(
+    sol, status, nfe, t_fail = solve.diffeqsolve(
         field,
         (x_start, jnp.zeros((), x.dtype)),
         t_hi,
@@ -267,16 +289,20 @@ def log_likelihood_with_stats(
         solver=solve.resolve_solver(solver, num_steps),
         controller=controller,
         max_steps=max_steps if num_steps is None else num_steps,
-        saveat=diffrax.SaveAt(t1=True),
         ends_ok=ends_ok,
+        input_ok=x_ok,
         adjoint=adjoint,
     )
     x0, delta = sol.ys[0][0], sol.ys[1][0]
-    prior = jnp.asarray((path.prior.log_prob if prior_log_prob is None else prior_log_prob)(x0), x.dtype)
+    prior = jnp.asarray(
+        (path.prior.log_prob if prior_log_prob is None else prior_log_prob)(x0), x.dtype
+    )
     log_prob = prior + delta + correction
-    status = solve.final_status(status, log_prob, x0)
+    status, t_fail = solve.final_status(status, t_fail, log_prob, x0, ends_ok=ends_ok)
+    nan = jnp.full((), jnp.nan, x.dtype)
+    log_prob, x0 = jnp.where(x_ok, log_prob, nan), jnp.where(x_ok, x0, nan)
     if throw:
-        log_prob = solve.throw_if_failed(log_prob, status, _messages(max_steps))
+        log_prob = solve.throw_if_failed(log_prob, status, _messages(max_steps), t_fail)
     return LikelihoodResult(
         log_prob=log_prob,
         prior_log_prob=prior,
@@ -292,6 +318,7 @@ def log_likelihood_with_stats(
         t0=t_lo,
         t1=t_hi,
         status=status,
+        t_fail=t_fail,
         dtype=str(jnp.dtype(x.dtype)),
         messages=tuple(sorted(_messages(max_steps).items())),
     )
@@ -313,7 +340,9 @@ def _dequantisation(key, k, num_dequant, dequant_noise, dtype):
     """(u of shape (num_dequant, *k.shape) in [0, 1), the key left for Hutchinson probes)."""
     if dequant_noise is None:
         if key is None:
-            raise ValueError("bits_per_dim needs key= for the dequantisation noise (or dequant_noise=)")
+            raise ValueError(
+                "bits_per_dim needs key= for the dequantisation noise (or dequant_noise=)"
+            )
         key_u, key_ll = jax.random.split(key)
         return jax.random.uniform(key_u, (num_dequant, *k.shape), dtype), key_ll
     u = jnp.asarray(dequant_noise, dtype)
@@ -362,7 +391,9 @@ def bits_per_dim(
             With ``throw=False`` a failed solve makes the result NaN instead of raising.
     """
     if "key" in ll_kwargs:
-        raise ValueError("pass key once, to bits_per_dim (it is split for dequantisation and probes)")
+        raise ValueError(
+            "pass key once, to bits_per_dim (it is split for dequantisation and probes)"
+        )
     levels = int(num_levels) if num_levels is not None else 2 ** int(n_bits)
     if levels < 2:
         raise ValueError(f"need at least 2 levels, got num_levels={num_levels}, n_bits={n_bits}")

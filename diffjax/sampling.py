@@ -74,6 +74,11 @@ class SampleResult(eqx.Module):
             counted).
         status: 0 on success, else a :mod:`diffjax.solve` code (with ``throw=False``; with ``throw=True`` a
             failure raises instead). :func:`diffjax.solve.raise_if_failed` turns it into an error on the host.
+            ``NONFINITE_INPUT`` for a given ``x0`` (or ``x0_log_prob``) that holds NaN/inf; then ``samples`` is
+            NaN (the solve ran from zeros).
+        t_fail: for ``NONFINITE_FIELD`` the time where the velocity turns NaN/inf (the solve, from the noise end
+            t0 towards the data end t1, could not get past it), for ``MAX_STEPS`` / ``SOLVER_FAILED`` where the
+            solve stopped; NaN otherwise (t = 0 noise, t = 1 data). Always NaN for ``sample_sde``.
         messages: the message of each nonzero code (static).
     """
 
@@ -84,6 +89,7 @@ class SampleResult(eqx.Module):
     num_steps: Int[Array, ""] | int = 0
     nfe: Int[Array, ""] | int = 0
     status: Int[Array, ""] | int = 0
+    t_fail: Float[Array, ""] | float = math.nan
     messages: tuple = eqx.field(static=True, default=())
 
 
@@ -117,24 +123,46 @@ def _finite(*arrays):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]))
 
 
+def _checked_start(x0, given):
+    """(x0 or zeros, whether it is finite): a NaN/inf x0 the user passed is reported as NONFINITE_INPUT and the
+    solve starts from zeros instead, so that one bad row of a vmapped batch does not keep the whole batch
+    stepping until max_steps. A drawn x0 is finite and not checked."""
+    if not given:
+        return x0, jnp.asarray(True)
+    ok = _finite(x0)
+    return jnp.where(ok, x0, jnp.zeros_like(x0)), ok
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # ODE
 # ---------------------------------------------------------------------------------------------------------------
 def _ode_messages(max_steps, rtol, atol):
     return {
+        solve.NONFINITE_INPUT: (
+            "diffjax.sample_ode: the starting point x0 (or x0_log_prob) holds NaN/inf: check the x0 you passed; "
+            "its sample is NaN"
+        ),
         solve.NONFINITE_END: (
             "diffjax.sample_ode: the velocity field is NaN/inf at an end of [t0, t1] (evaluated at the starting "
             "point). A data-prediction converted to a velocity divides by sigma (0 at t = 1 on LinearPath and "
             "CosinePath), an eps/score-prediction by alpha (0 at t = 0): pass t0, t1 = "
             "diffjax.integration_interval(path, kind)."
         ),
+        solve.NONFINITE_FIELD: (
+            "diffjax.sample_ode: the velocity field is NaN/inf inside [t0, t1], just above t = {t} (t = 0 noise, "
+            "t = 1 data; the solve from the noise end t0 towards the data end t1 could not get past t = {t}): "
+            "the model diverged there, or a kind conversion divides by alpha or sigma where it vanishes; "
+            "evaluate the field just above that t, and if t is near an end pass t0, t1 = "
+            "diffjax.integration_interval(path, kind)."
+        ),
         solve.MAX_STEPS: (
-            f"diffjax.sample_ode: the ODE solver reached max_steps={max_steps} before t1. Increase max_steps, "
-            f"loosen rtol/atol (now {rtol}/{atol}), or use fixed steps (num_steps=N)."
+            f"diffjax.sample_ode: the ODE solver reached max_steps={max_steps} at t = {{t}} before t1, with a "
+            f"finite field. Increase max_steps, loosen rtol/atol (now {rtol}/{atol}), or use fixed steps "
+            "(num_steps=N)."
         ),
         solve.SOLVER_FAILED: (
-            "diffjax.sample_ode: the ODE solver failed (step size collapsed or non-finite values in the vector "
-            "field); check the velocity field near t0/t1 and the time range."
+            "diffjax.sample_ode: the ODE solver failed at t = {t} (step size collapsed or non-finite values in "
+            "the vector field); check the velocity field near that time and the time range."
         ),
         solve.NONFINITE: (
             "diffjax.sample_ode: non-finite samples; the velocity field is singular on [t0, t1] (try t1 < 1 or "
@@ -230,9 +258,10 @@ def sample_ode(
 
     Raises:
         ValueError: bad solver/grid/trace names or arguments.
-        EquinoxRuntimeError (``throw=True``, also under jit): a field that is NaN/inf at t0 or t1,
-            ``max_steps`` reached, another solver failure, or non-finite samples. With ``throw=False`` the
-            code is returned in ``status`` instead.
+        EquinoxRuntimeError (``throw=True``, also under jit): a NaN/inf ``x0`` or ``x0_log_prob``, a field
+            that is NaN/inf at t0 or t1 or inside the interval (the message names the time), ``max_steps``
+            reached with a finite field, another solver failure, or non-finite samples. With ``throw=False``
+            the code is returned in ``status`` (and the time in ``t_fail``) instead.
     """
     solve.check_steps(num_steps, max_steps)
     if grid not in GRID_KINDS:
@@ -241,17 +270,18 @@ def sample_ode(
     solver_obj = solve.resolve_solver(solver, num_steps)
     t0, t1 = solve.interval(path, t0, t1)
     k_x0, k_probe = jax.random.split(key)
-    x0 = _initial_state(path, k_x0, shape, x0)
+    x0, x0_ok = _checked_start(_initial_state(path, k_x0, shape, x0), x0 is not None)
+    if log_prob and x0_log_prob is not None:
+        x0_ok = x0_ok & jnp.all(jnp.isfinite(jnp.asarray(x0_log_prob)))
     t0, t1 = t0.astype(x0.dtype), t1.astype(x0.dtype)
     controller, grid_ts = _ode_controller(path, num_steps, grid, t0, t1, rtol, atol)
     traj_ts = _save_times(save_ts, save_trajectory, grid_ts, t0, t1)
-    saveat = diffrax.SaveAt(t1=True) if traj_ts is None else diffrax.SaveAt(ts=traj_ts, t1=True)
     if trace_obj is None:
         y0, args = x0, (velocity, None)
     else:
         y0, args = (x0, jnp.zeros((), x0.dtype)), (velocity, trace_obj.init(k_probe, x0))
     ends_ok = _finite(velocity(t0, x0), velocity(t1, x0))
-    sol, status, nfe = solve.diffeqsolve(
+    sol, status, nfe, t_fail = solve.diffeqsolve(
         _ode_field(trace_obj, t0, t1),
         y0,
         t0,
@@ -260,8 +290,9 @@ def sample_ode(
         solver=solver_obj,
         controller=controller,
         max_steps=max_steps if num_steps is None else num_steps,
-        saveat=saveat,
         ends_ok=ends_ok,
+        input_ok=x0_ok,
+        save_ts=traj_ts,
     )
     xs = sol.ys if trace_obj is None else sol.ys[0]
     samples = xs[-1]
@@ -269,9 +300,16 @@ def sample_ode(
     if trace_obj is not None:
         prior_lp = path.prior.log_prob(x0) if x0_log_prob is None else jnp.asarray(x0_log_prob)
         lp = (prior_lp + sol.ys[1][-1]).astype(x0.dtype)
-    status = solve.final_status(status, samples, *(() if lp is None else (lp,)))
+    status, t_fail = solve.final_status(
+        status, t_fail, samples, *(() if lp is None else (lp,)), ends_ok=ends_ok
+    )
+    nan = jnp.full((), jnp.nan, x0.dtype)
+    samples = jnp.where(x0_ok, samples, nan)
+    lp = None if lp is None else jnp.where(x0_ok, lp, nan)
     if throw:
-        samples = solve.throw_if_failed(samples, status, _ode_messages(max_steps, rtol, atol))
+        samples = solve.throw_if_failed(
+            samples, status, _ode_messages(max_steps, rtol, atol), t_fail
+        )
     return SampleResult(
         samples=samples,
         log_prob=lp,
@@ -280,6 +318,7 @@ def sample_ode(
         num_steps=sol.stats["num_steps"],
         nfe=nfe,
         status=status,
+        t_fail=t_fail,
         messages=tuple(sorted(_ode_messages(max_steps, rtol, atol).items())),
     )
 
@@ -288,6 +327,9 @@ def sample_ode(
 # SDE
 # ---------------------------------------------------------------------------------------------------------------
 _SDE_MESSAGES = {
+    solve.NONFINITE_INPUT: (
+        "diffjax.sample_sde: the starting point x0 holds NaN/inf: check the x0 you passed; its sample is NaN"
+    ),
     solve.SOLVER_FAILED: (
         "diffjax.sample_sde: diffusion g_t must be finite and >= 0 on the time grid (g → ∞ at t = 0 for "
         "forward_sde_diffusion of LinearPath/CosinePath: start at t0 > 0)"
@@ -398,12 +440,14 @@ def sample_sde(
 
     Raises:
         ValueError: bad method/grid names, negative constant diffusion, Langevin with a diffrax method.
-        EquinoxRuntimeError (``throw=True``, also under jit): a callable g that is negative or non-finite on
-            the grid, or non-finite samples.
+        EquinoxRuntimeError (``throw=True``, also under jit): a NaN/inf ``x0``, a callable g that is negative
+            or non-finite on the grid, or non-finite samples.
     """
     _check_sde_args(num_steps, langevin_steps, method)
     g_fn, g_zero = _diffusion(diffusion)
-    x0 = _initial_state(path, jax.random.fold_in(key, 0x5D0), shape, x0)
+    x0, x0_ok = _checked_start(
+        _initial_state(path, jax.random.fold_in(key, 0x5D0), shape, x0), x0 is not None
+    )
     ts = time_grid(path, num_steps, grid, t0=t0, t1=t1).astype(x0.dtype)
     gs = jax.vmap(g_fn)(ts[:-1]).astype(x0.dtype)
     g_ok = jnp.all((gs >= 0) & jnp.isfinite(gs))
@@ -425,7 +469,9 @@ def sample_sde(
         x = (x + s * s * score(ts[-1], x)) / a
         nfe += 1
     status = jnp.where(g_ok, solve.SUCCESSFUL, solve.SOLVER_FAILED)
-    status = solve.final_status(status, x)
+    status, _ = solve.final_status(status, jnp.nan, x)
+    status = jnp.where(x0_ok, status, solve.NONFINITE_INPUT).astype(jnp.int32)
+    x = jnp.where(x0_ok, x, jnp.full((), jnp.nan, x.dtype))
     if throw:
         x = solve.throw_if_failed(x, status, _SDE_MESSAGES)
     return SampleResult(
@@ -435,6 +481,7 @@ def sample_sde(
         num_steps=jnp.asarray(num_steps),
         nfe=jnp.asarray(nfe),
         status=status,
+        t_fail=jnp.full((), jnp.nan, x.dtype),
         messages=tuple(sorted(_SDE_MESSAGES.items())),
     )
 
