@@ -660,28 +660,30 @@ def fit(
         raise ValueError(
             f"fit: checkpoint_every={checkpoint_every} and log_every={log_every} must be >= 1"
         )
-    mesh = make_mesh() if mesh is None else mesh
-    optimizer = make_optimizer(config)
-    schedule = make_schedule(config)
-    run_config = {**config.to_dict(), **dict(extra_config or {})}
-
-    def init():
-        return init_state(params, optimizer, jax.random.key(config.seed))
-
-    state_sharding = _replicated(mesh)
-    abstract = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=state_sharding),
-        jax.eval_shape(init),
-    )
-    history: dict[str, list] = {"step": [], "loss": [], "grad_norm": [], "lr": []}
-    window: list[dict] = []
     with contextlib.ExitStack() as stack:
         manager = None
         state = None
         if workdir is not None:
             from . import checkpoint as ckpt  # noqa: PLC0415 (orbax loads only when a run checkpoints)
 
+            # first of all: a second writer fails at once, before any work
             workdir = stack.enter_context(ckpt.workdir_lock(workdir))
+        mesh = make_mesh() if mesh is None else mesh
+        optimizer = make_optimizer(config)
+        schedule = make_schedule(config)
+        run_config = {**config.to_dict(), **dict(extra_config or {})}
+
+        def init():
+            return init_state(params, optimizer, jax.random.key(config.seed))
+
+        state_sharding = _replicated(mesh)
+        abstract = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=state_sharding),
+            jax.eval_shape(init),
+        )
+        history: dict[str, list] = {"step": [], "loss": [], "grad_norm": [], "lr": []}
+        window: list[dict] = []
+        if workdir is not None:
             manager = ckpt.make_manager(workdir, keep=keep)
             stack.callback(manager.close)  # waits for the last save (and writes its manifest) first
             state, history, window = _restore_run(manager, abstract, run_config, history, window)

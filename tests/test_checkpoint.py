@@ -4,6 +4,7 @@ real training process killed with SIGKILL and resumed to the bit-identical resul
 Time convention of the trained model: t = 0 is noise, t = 1 is data.
 """
 
+import functools
 import json
 import os
 import signal
@@ -24,8 +25,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPER = os.path.join(ROOT, "tests", "_train_proc.py")
 
 
+@functools.cache
 def trained_state(hidden=16, steps=2):
-    """A state after a few steps, so that the optimizer moments, EMA, step and key are all non-trivial."""
+    """A state after a few steps, so that the optimizer moments, EMA, step and key are all non-trivial.
+
+    Cached: the tests only read it (each call would compile its own train step).
+    """
     config = train.TrainConfig(warmup_steps=1, total_steps=10, ema_decay=0.5)
     apply, params = nn.split(nn.MLP(2, hidden=hidden, depth=1, time_dim=8, rngs=nnx.Rngs(0)))
     optimizer = train.make_optimizer(config)
@@ -186,7 +191,7 @@ def _signal_and_collect(workdir, sig, tmp_path):
     """Resume ``workdir`` slowly, send ``sig`` after a few steps; the JSON report and the finalised steps."""
     progress = tmp_path / f"progress_{sig.name}"
     proc = subprocess.Popen(
-        _cmd(workdir, 0.1, progress),
+        _cmd(workdir, 0.05, progress),
         env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -210,7 +215,7 @@ def test_kill_interrupt_and_resume_are_bit_identical(tmp_path):
     run = tmp_path / "run"
     env = _env(tmp_path / "jax_cache")
     victim = subprocess.Popen(
-        _cmd(run, 0.1), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _cmd(run, 0.05), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     # meanwhile the uninterrupted run, here (the same programs: same XLA flags, one CPU device)
     reference_state, reference_history = _train_proc.train_run(None, 60, 10)
@@ -223,7 +228,7 @@ def test_kill_interrupt_and_resume_are_bit_identical(tmp_path):
     t0 = time.monotonic()
     with pytest.raises(checkpoint.WorkdirLockedError) as info:
         train.fit(apply, params, losses.flow_matching(), lambda s: None, config, workdir=run)
-    assert time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 < 5  # at once: before any compilation (typically ~0.01 s)
     message = str(info.value)
     assert f"pid {victim.pid} on " in message and "_train_proc.py resume" in message
     assert message.endswith("wait for it to finish, or use another workdir") and "\n" not in message
