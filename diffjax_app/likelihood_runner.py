@@ -68,7 +68,9 @@ def _evaluate(eval_chunk, run, xs, keys, chunk: int, progress: bool):
     def check(out, m):
         if run.config.is_image:
             return first_rows(out, m), None
-        solve.raise_if_failed(first_rows(out.status, m), dict(out.messages))
+        solve.raise_if_failed(
+            first_rows(out.status, m), dict(out.messages), t_fail=first_rows(out.t_fail, m)
+        )
         return first_rows(out.log_prob, m), first_rows(out.nfe, m)
 
     fn = lambda xb, kb: eval_chunk(run.ema_params, xb, kb)

@@ -50,7 +50,9 @@ def _sampler(run, kw: dict, save_ts):
 
 def _draw(sample_chunk, ema, keys, chunk: int, progress: bool):
     def check(r, m):
-        solve.raise_if_failed(first_rows(r.status, m), dict(r.messages))
+        solve.raise_if_failed(
+            first_rows(r.status, m), dict(r.messages), t_fail=first_rows(r.t_fail, m)
+        )
         return first_rows(r.samples, m), first_rows(r.nfe, m)
 
     tic = time.perf_counter()

@@ -22,7 +22,7 @@ def test_all_names_resolve_by_import():
 
 
 def test_lazy_submodules_are_attributes():
-    for mod in ["nn", "data", "train", "checkpoint", "experiment", "cli"]:
+    for mod in ["nn", "data", "train", "checkpoint"]:
         assert getattr(diffjax, mod) is importlib.import_module(f"diffjax.{mod}")
     assert callable(diffjax.nn.split) and callable(diffjax.data.toy_sample)
     assert callable(diffjax.train.fit)
@@ -42,9 +42,18 @@ def test_submodules_import_and_declare_all():
         "data",
         "train",
         "checkpoint",
-        "cli",
-        "experiment",
+        "solve",
+        "grids",
+        "kinds",
     ]:
         m = importlib.import_module(f"diffjax.{mod}")
+        for name in getattr(m, "__all__", []):
+            assert hasattr(m, name), (mod, name)
+
+
+def test_application_modules_declare_all():
+    for mod in ["config", "build", "workdir", "errors", "cache", "metrics", "plots", "progress",
+                "train_runner", "sample_runner", "likelihood_runner", "demo", "cli"]:  # fmt: skip
+        m = importlib.import_module(f"diffjax_app.{mod}")
         for name in getattr(m, "__all__", []):
             assert hasattr(m, name), (mod, name)
