@@ -31,6 +31,7 @@ _T_IMPORT = time.perf_counter()
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import shlex  # noqa: E402
@@ -422,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sub = parser._subparsers._group_actions[0].choices[args.command]  # for error messages
     debug = args.debug or bool(os.environ.get("DIFFJAX_DEBUG"))
+    if not debug:  # orbax logs through absl (e.g. "Given directory is read only" for every reader)
+        logging.getLogger("absl").setLevel(logging.ERROR)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_one_line_warnings(sub.prog))
         cache = _configure_cache(args, sub)

@@ -33,7 +33,7 @@ def _check_data(data: str, config, workdir: str) -> None:
     if data != config.data:
         notice(
             f"the model in {workdir} was trained on {config.data!r}: evaluating it on held-out "
-            f"{data!r} points (an out-of-distribution likelihood; true_nll is {data!r}'s)"
+            f"{data!r} points (an out-of-distribution likelihood)"
         )
 
 
