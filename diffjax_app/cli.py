@@ -31,7 +31,6 @@ _T_IMPORT = time.perf_counter()
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
-import logging  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import shlex  # noqa: E402
@@ -40,7 +39,7 @@ import warnings  # noqa: E402
 
 from . import cache as cache_lib  # noqa: E402
 from .config import DATASETS, DEFAULT_PATH, OBJECTIVES, PATHS  # noqa: E402
-from .errors import RunError, describe_os_error, notice  # noqa: E402
+from .errors import RunError, describe_os_error, notice, quiet_dependency_logs  # noqa: E402
 
 __all__ = ["main", "build_parser"]
 
@@ -424,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser._subparsers._group_actions[0].choices[args.command]  # for error messages
     debug = args.debug or bool(os.environ.get("DIFFJAX_DEBUG"))
     if not debug:  # orbax logs through absl (e.g. "Given directory is read only" for every reader)
-        logging.getLogger("absl").setLevel(logging.ERROR)
+        quiet_dependency_logs()
     with contextlib.ExitStack() as stack:
         stack.enter_context(_one_line_warnings(sub.prog))
         cache = _configure_cache(args, sub)

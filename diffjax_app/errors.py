@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["RunError", "NoCheckpointError", "NonFiniteError", "notice", "describe_os_error"]
+__all__ = [
+    "RunError",
+    "NoCheckpointError",
+    "NonFiniteError",
+    "notice",
+    "describe_os_error",
+    "quiet_dependency_logs",
+]
 
 
 class RunError(ValueError):
@@ -35,3 +42,14 @@ def describe_os_error(e: OSError) -> str:
     what = (e.strerror or type(e).__name__).lower()
     where = e.filename if e.filename is not None else ""
     return f"{what}: {where}" if where else what
+
+
+def quiet_dependency_logs() -> None:
+    """Keep dependencies' routine log lines off stderr in entry points (the CLI, the experiment scripts).
+
+    orbax logs through absl, e.g. ``Given directory is read only`` for every read-only reader of a workdir;
+    errors still show. Only entry points call this: it sets the level of the process's ``absl`` logger.
+    """
+    import logging  # noqa: PLC0415
+
+    logging.getLogger("absl").setLevel(logging.ERROR)

@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from diffjax_app import cache  # noqa: E402
+from diffjax_app.errors import quiet_dependency_logs  # noqa: E402
 
 T0 = time.perf_counter()
 TEST_SIZE = 300
@@ -161,6 +162,7 @@ def main(argv=None):
         cache.enable_compilation_cache(args.cache_dir)
     except cache.CacheDirError as e:
         p.error(str(e))
+    quiet_dependency_logs()
     import jax  # noqa: PLC0415
 
     from diffjax import data as data_lib  # noqa: PLC0415

@@ -24,6 +24,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from diffjax_app import cache  # noqa: E402
+from diffjax_app.errors import quiet_dependency_logs  # noqa: E402
 
 T0 = time.perf_counter()
 
@@ -83,6 +84,7 @@ def main(argv=None):
         cache.enable_compilation_cache(args.cache_dir)
     except cache.CacheDirError as e:
         p.error(str(e))
+    quiet_dependency_logs()
     from diffjax_app.config import ExperimentConfig  # noqa: PLC0415
     from diffjax_app.likelihood_runner import run_likelihood  # noqa: PLC0415
     from diffjax_app.sample_runner import run_sample  # noqa: PLC0415

@@ -45,6 +45,7 @@ from diffjax_app.config import (  # noqa: E402
     PATHS,
     ExperimentConfig,
 )
+from diffjax_app.errors import quiet_dependency_logs  # noqa: E402
 
 #: The sample-quality keys of ``diffjax_app.metrics.sample_quality`` kept in each row when present.
 QUALITY_KEYS = (
@@ -328,6 +329,7 @@ def main(argv=None):
         cache.enable_compilation_cache(args.cache_dir)
     except cache.CacheDirError as e:
         p.error(str(e))
+    quiet_dependency_logs()
     from diffjax_app.workdir import write_json  # noqa: PLC0415
 
     os.makedirs(root, exist_ok=True)
