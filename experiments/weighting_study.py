@@ -8,7 +8,7 @@ likelihood; flow matching (w = e^{−λ/2}), v-prediction, EDM and SD3's logit-n
 which is thought to favour sample quality. This script measures both on held-out data: the NLL (nats, exact
 trace, PF-ODE) and the quality of PF-ODE samples (``diffjax_app.metrics.sample_quality``): energy distance and
 RBF-MMD² beside their data-vs-data floor, a permutation test's p-value and its power against known-bad models
-(blurred data; for the checkerboard, 10 % of the points moved off the squares), and where the density is known
+(the data blurred by N(0, (0.2·sd)²); for the checkerboard, 25 % of the mass moved onto the white squares), and where the density is known
 the fraction of samples inside the checkerboard's squares and the samples' cross-entropy under the true density.
 
     python experiments/weighting_study.py --data checkerboard --steps 1500
@@ -124,12 +124,12 @@ def _note(args, rows) -> str:
     if "mmd_p_value" in r0:
         note += (
             f" MMD permutation test on {r0.get('test_n')} points per side: a small p says the samples differ "
-            "from the data; its power at this size against a blurred-data model is "
+            "from the data; its power at this size against the data blurred by N(0, (0.2·sd)²) is "
             f"{_num(r0.get('power_vs_blur'), '.2f')}"
         )
         if "power_vs_off_support" in r0:
             note += (
-                ", against 10 % of the points moved off the squares "
+                ", against 25 % of the mass moved onto the white squares "
                 f"{_num(r0.get('power_vs_off_support'), '.2f')}"
             )
         note += " (a p-value above 0.05 is weak evidence unless the power is high)."
