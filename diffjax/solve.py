@@ -184,7 +184,8 @@ def _tree_finite(tree) -> Bool[Array, ""]:
 
 
 def _watch_init(watch, terms, t0, t1, y0, dt0, args, func, error_order):
-    """The wrapped controller's first step and state, plus (time reached, a, b) = (t0, NaN, NaN)."""
+    """The wrapped controller's first step and state, plus (time reached, a, b) = (t0, NaN, NaN); times are
+    stored times direction (so that "reached" grows either way), t = 0 noise, t = 1 data."""
     tnext, inner = watch.controller.init(terms, t0, t1, y0, dt0, args, func, error_order)
     t_now = jax.lax.stop_gradient(watch.direction * t0)
     nan = jnp.full_like(t_now, jnp.nan)
@@ -346,7 +347,8 @@ def final_status(status: Int[Array, ""], t_fail, *outputs, ends_ok=True):
     """``(status, t_fail)`` after checking the reported ``outputs``: a ``SUCCESSFUL`` status with a NaN/inf
     output becomes ``NONFINITE_END`` (field NaN/inf at an end, ``ends_ok`` False), ``NONFINITE_FIELD`` (a
     fixed-step solve whose step from ``t_fail`` turned non-finite) or ``NONFINITE``. ``t_fail`` is kept only
-    for the codes it describes (``NONFINITE_FIELD``, ``MAX_STEPS``, ``SOLVER_FAILED``), else NaN."""
+    for the codes it describes (``NONFINITE_FIELD``, ``MAX_STEPS``, ``SOLVER_FAILED``), else NaN; it is a time
+    of the path (t = 0 noise, t = 1 data), whichever way the solve ran."""
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(o)) for o in outputs]))
     t_fail = jnp.asarray(t_fail)
     code = jnp.where(
@@ -399,7 +401,7 @@ def raise_if_failed(result, messages: dict[int, str] | None = None, *, t_fail=No
     ``result`` is a result module with ``status``, ``messages`` and ``t_fail`` (a :class:`~diffjax.SampleResult`
     or :class:`~diffjax.LikelihoodResult` computed with ``throw=False``, vmapped or not), or a status array
     with ``messages`` given as a dict (and optionally ``t_fail``, the matching array, so that a message that
-    names the time of the failure can fill it in).
+    names the time of the failure can fill it in; times are the path's, t = 0 noise and t = 1 data).
     """
     import numpy as np  # noqa: PLC0415
 

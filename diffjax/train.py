@@ -552,8 +552,8 @@ class _Stop:
 def _stop_on_signals():
     """In the main thread: SIGINT/SIGTERM set ``stop.signal`` instead of interrupting (restored on exit).
 
-    The first signal also puts back the default behaviour, so a second one interrupts at once (e.g. during a
-    slow save). Signals the process ignores (``SIG_IGN``, e.g. SIGINT of a background job) stay ignored.
+    A signal also puts back its own default behaviour, so a second one of the same kind interrupts at once
+    (e.g. during a slow save). Signals the process ignores (``SIG_IGN``, e.g. SIGINT of a background job) stay ignored.
     """
     stop = _Stop()
     if threading.current_thread() is not threading.main_thread():
@@ -564,8 +564,9 @@ def _stop_on_signals():
 
     def handler(signum, frame):
         stop.signal = signal.Signals(signum).name
-        for sig in previous:
-            signal.signal(sig, defaults[sig])
+        # a second signal of the same kind interrupts at once; the other kind still only asks to stop (a
+        # scheduler's SIGTERM after a Ctrl-C must not kill the interrupt's save)
+        signal.signal(signum, defaults[signum])
 
     for sig in defaults:
         old = signal.getsignal(sig)
@@ -723,11 +724,27 @@ def fit(
                 bar.update(1)
             if done % checkpoint_every == 0 or done == total:
                 loop.save(done)
-            if stop.signal is not None:
+            if _should_stop(stop, done, log_every):
                 break
-        if stop.signal is not None:
-            raise loop.interrupted(done, stop.signal)
+        if done < total:  # stopped by a signal (a signal in the last step lets the run finish)
+            raise loop.interrupted(done, stop.signal or "a signal to another process")
+        if manager is not None:
+            manager.wait_until_finished()  # the last save completes under the handlers, not after them
     return loop.state, loop.history
+
+
+def _should_stop(stop: _Stop, done: int, sync_every: int) -> bool:
+    """Whether to stop after step ``done``. With several processes they must stop at the same step (one
+    stopping alone would wait in the save barrier while the others wait in the train step's all-reduce): the
+    flag is agreed on by an all-gather every ``sync_every`` steps."""
+    if jax.process_count() == 1:
+        return stop.signal is not None
+    if done % sync_every:
+        return False
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    flags = multihost_utils.process_allgather(np.asarray(stop.signal is not None))
+    return bool(np.any(flags))
 
 
 class _Loop:

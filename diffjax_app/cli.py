@@ -357,18 +357,31 @@ def _exit_status(e: BaseException) -> int:
         return 1
     if _is(e, "diffjax_app.errors", "NonFiniteError"):
         return 1
-    if isinstance(e, (RunError, ValueError, OSError)) or _is(
-        e, "diffjax.checkpoint", "WorkdirLockedError"
-    ):
+    if isinstance(e, (RunError, OSError)) or _is(e, "diffjax.checkpoint", "WorkdirLockedError"):
         return 2
+    if isinstance(e, ValueError) and _raised_by_diffjax(e):
+        return 2  # a validation error of diffjax's or diffjax_app's own (it names the value and the fix)
     return 1
+
+
+def _raised_by_diffjax(e: BaseException) -> bool:
+    """Whether ``e`` was raised by diffjax's own code (not deep inside JAX, orbax or another dependency)."""
+    import traceback  # noqa: PLC0415
+
+    frames = traceback.extract_tb(e.__traceback__)
+    if not frames:
+        return False
+    parts = os.path.normpath(frames[-1].filename).split(os.sep)
+    return "diffjax" in parts or "diffjax_app" in parts
 
 
 def _message(e: BaseException, argv: list[str]) -> str:
     if _is(e, "diffjax.train", "TrainingInterrupted"):
         return f"{e}; resume: {shlex.join(['diffjax', *argv])}"
     if isinstance(e, KeyboardInterrupt):
-        return "interrupted (nothing of this command was written)"
+        return (
+            "interrupted before any result was written (a train run keeps its earlier checkpoints)"
+        )
     if isinstance(e, OSError) and not str(e).startswith(("cannot", "could not")) and e.strerror:
         return f"{describe_os_error(e)} (check the path and its permissions)"
     text = " ".join(str(e).split()) or type(e).__name__
@@ -426,8 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         quiet_dependency_logs()
     with contextlib.ExitStack() as stack:
         stack.enter_context(_one_line_warnings(sub.prog))
-        cache = _configure_cache(args, sub)
         try:
+            cache = _configure_cache(args, sub)
             # The runners solve with throw=False and check each solve's status on the host, so their compiled
             # programs hold no host callback and the persistent cache stores them.
             result = _run(args, t_start)

@@ -10,7 +10,7 @@ import time
 
 from .config import ExperimentConfig
 from .errors import RunError, notice
-from .workdir import EXPERIMENT_FILE, METRICS_FILE, has_checkpoint, load_config
+from .workdir import EXPERIMENT_FILE, METRICS_FILE, has_checkpoint, load_config, read_config_file
 
 __all__ = ["run_demo", "demo_config"]
 
@@ -27,12 +27,33 @@ def demo_config(steps: int, batch_size: int) -> ExperimentConfig:
     )
 
 
+def _is_demo(stored: ExperimentConfig, config: ExperimentConfig) -> bool:
+    """Whether ``stored`` is a demo run (the demo's settings but for steps and batch size)."""
+    return not stored.differences(config.resolved(), ignore=("steps", "batch_size"))
+
+
+def _delete_run(workdir: str) -> None:
+    """Delete a run's files but the lock file this process holds (a second writer stays locked out)."""
+    from diffjax import checkpoint as ckpt  # noqa: PLC0415
+
+    for name in os.listdir(workdir):
+        if name == ckpt.LOCK_FILE:
+            continue
+        path = os.path.join(workdir, name)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+
+
 def _prepare(workdir: str, config: ExperimentConfig, fresh: bool) -> None:
+    """Under the workdir's lock: --fresh deletes a previous demo (only a demo); otherwise reuse a demo of the
+    same settings, refuse one of other settings."""
     exists = os.path.exists(os.path.join(workdir, EXPERIMENT_FILE))
-    if fresh and os.path.isdir(workdir):
-        if not exists:
-            raise RunError(f"--fresh: {workdir} does not look like a diffjax run; not deleting it")
-        shutil.rmtree(workdir)
+    if fresh and os.path.isdir(workdir) and os.listdir(workdir):
+        if not exists or not _is_demo(read_config_file(workdir), config):
+            raise RunError(
+                f"--fresh: {workdir} does not hold a diffjax demo (another run, or not a diffjax run); "
+                "not deleting it: pass another --workdir"
+            )
+        _delete_run(workdir)
         return
     if not (exists and has_checkpoint(workdir)):
         return
@@ -51,16 +72,22 @@ def _prepare(workdir: str, config: ExperimentConfig, fresh: bool) -> None:
 
 def run_demo(args, t_start: float, progress: bool) -> dict:
     """Train (or reuse), sample and evaluate the demo; returns the JSON line's dict."""
+    from diffjax import checkpoint as ckpt  # noqa: PLC0415
+
     from .likelihood_runner import run_likelihood  # noqa: PLC0415
     from .sample_runner import run_sample  # noqa: PLC0415
     from .train_runner import run_train  # noqa: PLC0415
+    from .workdir import make_run_dir  # noqa: PLC0415
 
-    workdir = os.path.abspath(args.workdir)
+    workdir = make_run_dir(args.workdir)
     config = demo_config(args.steps, args.batch_size)
-    _prepare(workdir, config, args.fresh)
     log = lambda msg: notice(msg, prefix="[diffjax demo]")
-    log(f"training flow matching on the checkerboard for {args.steps} steps into {workdir}")
-    tr = run_train(config, workdir, checkpoint_every=args.steps, progress=progress, t_start=t_start)
+    with ckpt.workdir_lock(workdir):  # held from the check (and --fresh's delete) through training
+        _prepare(workdir, config, args.fresh)
+        log(f"training flow matching on the checkerboard for {args.steps} steps into {workdir}")
+        tr = run_train(
+            config, workdir, checkpoint_every=args.steps, progress=progress, t_start=t_start
+        )
     log(f"sampling {args.n} points with the adaptive probability-flow ODE")
     sa = run_sample(workdir, args.n, progress=progress)
     log(f"held-out negative log-likelihood of {args.n_test} points (exact trace)")

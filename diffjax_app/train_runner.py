@@ -22,8 +22,8 @@ from .config import ExperimentConfig
 from .errors import NonFiniteError, RunError, notice
 from .workdir import (
     EXPERIMENT_FILE,
-    load_config,
     make_run_dir,
+    read_config_file,
     read_metrics,
     steps_in,
     try_write,
@@ -39,8 +39,8 @@ def _prepare(workdir: str, config: ExperimentConfig) -> int:
 
     Returns the step the run resumes from (0 for a new run)."""
     trained = _intact_step(workdir)
-    if os.path.exists(os.path.join(workdir, EXPERIMENT_FILE)) and trained:
-        diff = load_config(workdir).differences(config)
+    if os.path.exists(os.path.join(workdir, EXPERIMENT_FILE)) and steps_in(workdir):
+        diff = read_config_file(workdir).differences(config)
         if diff:
             items = "; ".join(f"{k}: workdir={a!r} vs now={b!r}" for k, (a, b) in diff.items())
             raise RunError(
@@ -128,9 +128,9 @@ def run_train(
     it, with ``timing_from_earlier_run`` = True. Returns the ``train`` section of ``metrics.json``.
     """
     t_start = time.perf_counter() if t_start is None else t_start
-    config = config.resolved()
     workdir = make_run_dir(workdir)
-    with ckpt.workdir_lock(workdir):
+    with ckpt.workdir_lock(workdir):  # first: a second writer is refused before any other work
+        config = config.resolved()
         start_step = _prepare(workdir, config)
         apply, params, objective, _ = build_model(config)
         batch_fn, first = _first_step_timer(train_batch_fn(config), t_start)

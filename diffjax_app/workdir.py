@@ -36,6 +36,7 @@ __all__ = [
     "has_checkpoint",
     "latest_step",
     "load_config",
+    "read_config_file",
     "write_json",
     "read_metrics",
     "update_metrics",
@@ -117,6 +118,12 @@ def load_config(workdir) -> ExperimentConfig:
             f"{workdir} holds checkpoints but no {EXPERIMENT_FILE} (deleted, or written by "
             "diffjax.train.fit directly): restore the file, or load the checkpoint with diffjax.checkpoint"
         )
+    return read_config_file(workdir)
+
+
+def read_config_file(workdir) -> ExperimentConfig:
+    """``workdir/experiment.json`` as an ExperimentConfig (whether or not checkpoints exist)."""
+    path = os.path.join(os.fspath(workdir), EXPERIMENT_FILE)
     try:
         with open(path) as f:
             return ExperimentConfig.from_dict(json.load(f))

@@ -331,3 +331,28 @@ def test_one_writer_readers_and_sigint(tmp_path, capsys):
         *OFF,
     )
     assert code == 0 and out["start_step"] == step and out["steps_run"] == 2, err
+
+
+def test_exit_statuses_of_interrupts_and_internal_errors():
+    from diffjax import train  # noqa: PLC0415
+
+    def interrupted(name):
+        return train.TrainingInterrupted(
+            "x", step=3, signal=name, workdir=None, saved=False, state=None, history={}
+        )
+
+    assert cli._exit_status(interrupted("SIGTERM")) == 143
+    assert cli._exit_status(interrupted("SIGINT")) == 130
+    assert cli._exit_status(KeyboardInterrupt()) == 130
+    try:  # a ValueError raised deep inside a dependency is an internal error (exit 1), not a usage error
+        import numpy as np  # noqa: PLC0415
+
+        np.zeros(3).reshape(2)
+    except ValueError as e:
+        assert cli._exit_status(e) == 1 and "internal error" in cli._message(e, [])
+    try:  # one of diffjax's own validation errors is an ordinary problem (exit 2)
+        from diffjax_app.config import ExperimentConfig  # noqa: PLC0415
+
+        ExperimentConfig(steps=0)
+    except ValueError as e:
+        assert cli._exit_status(e) == 2 and "steps=0" in cli._message(e, [])
