@@ -300,7 +300,9 @@ def log_likelihood_with_stats(
     log_prob = prior + delta + correction
     status, t_fail = solve.final_status(status, t_fail, log_prob, x0, ends_ok=ends_ok)
     nan = jnp.full((), jnp.nan, x.dtype)
+    # a bad input row was solved from zeros: none of its outputs may look like a result
     log_prob, x0 = jnp.where(x_ok, log_prob, nan), jnp.where(x_ok, x0, nan)
+    prior, delta = jnp.where(x_ok, prior, nan), jnp.where(x_ok, delta, nan)
     if throw:
         log_prob = solve.throw_if_failed(log_prob, status, _messages(max_steps), t_fail)
     return LikelihoodResult(

@@ -306,6 +306,9 @@ def sample_ode(
     nan = jnp.full((), jnp.nan, x0.dtype)
     samples = jnp.where(x0_ok, samples, nan)
     lp = None if lp is None else jnp.where(x0_ok, lp, nan)
+    traj = (
+        None if traj_ts is None else jnp.where(x0_ok, xs[:-1], nan)
+    )  # a bad row's path is not a path
     if throw:
         samples = solve.throw_if_failed(
             samples, status, _ode_messages(max_steps, rtol, atol), t_fail
@@ -313,7 +316,7 @@ def sample_ode(
     return SampleResult(
         samples=samples,
         log_prob=lp,
-        trajectory=xs[:-1] if traj_ts is not None else None,
+        trajectory=traj,
         ts=traj_ts,
         num_steps=sol.stats["num_steps"],
         nfe=nfe,

@@ -76,6 +76,10 @@ def test_nan_data_point_is_named_and_only_its_row_flagged():
         np.asarray(r.status), [0, 0, solve.NONFINITE_INPUT, 0, solve.NONFINITE_INPUT]
     )
     assert np.all(np.isnan(np.asarray(r.log_prob)[[2, 4]])) and np.all(np.isnan(r.x0[2]))
+    # none of a bad row's outputs looks like a result (it was solved from zeros)
+    assert np.all(np.isnan(np.asarray(r.prior_log_prob)[[2, 4]]))
+    assert np.all(np.isnan(np.asarray(r.delta_log_prob)[[2, 4]]))
+    assert np.all(np.isfinite(np.asarray(r.delta_log_prob)[[0, 1, 3]]))
     assert np.all(np.isnan(np.asarray(r.t_fail)))
     good = np.array([0, 1, 3])
     exact = jax.vmap(GM.log_prob)(xs[good])
