@@ -42,7 +42,7 @@ QUALITY_KEYS = (
 )
 
 
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -76,6 +76,11 @@ def main(argv=None):
         action="store_true",
         help="a smoke test: 200 steps, 200 samples, 100 test points, workdir suffix _quick",
     )
+    return p
+
+
+def main(argv=None):
+    p = _parser()
     args = p.parse_args(argv)
     for name, full, quick in (("steps", 3000, 200), ("n", 2000, 200), ("n_test", 1000, 100)):
         if getattr(args, name) is None:
