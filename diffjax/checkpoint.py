@@ -667,7 +667,8 @@ def restore_latest(
 # ----------------------------------------------------------------------------------------------------------
 
 _HELD: dict[str, list[int]] = {}
-"""This process's held workdir locks: realpath -> [file descriptor, depth] (re-entrant within the process)."""
+"""This process's held workdir locks: realpath -> [file descriptor, depth, owning thread] (re-entrant within the
+thread that holds it; another thread of the process is refused like another process)."""
 _HELD_GUARD = threading.Lock()
 
 
@@ -691,8 +692,8 @@ def workdir_lock(workdir: str | os.PathLike) -> Iterator[str]:
 
     An exclusive, non-blocking ``fcntl.flock`` on ``workdir/.diffjax.lock``; the OS releases it when the process
     ends in any way (``kill -9`` included), so there is never a stale lock. The holder's pid, host, command
-    line and start time are written into the file. Re-entrant within one process (a per-process count keyed by
-    the real path), so an application holding it may call :func:`diffjax.train.fit`, which takes it too. Under
+    line and start time are written into the file. Re-entrant within the thread that holds it (a count keyed by
+    the real path; another thread of the same process is refused like another process), so an application holding it may call :func:`diffjax.train.fit`, which takes it too. Under
     multi-process JAX only process 0 locks. Readers do not lock. Yields the workdir's absolute path.
 
     Raises:
@@ -708,6 +709,11 @@ def workdir_lock(workdir: str | os.PathLike) -> Iterator[str]:
     key = os.path.realpath(path)
     with _HELD_GUARD:
         held = _HELD.get(key)
+        if held is not None and held[2] != threading.get_ident():
+            raise WorkdirLockedError(
+                f"workdir {path} is being written by another thread of this process (pid {os.getpid()}): "
+                "wait for it to finish, or use another workdir"
+            )
         if held is not None:
             held[1] += 1
         else:
@@ -736,7 +742,7 @@ def workdir_lock(workdir: str | os.PathLike) -> Iterator[str]:
             data = json.dumps(info).encode()
             os.ftruncate(fd, 0)
             os.pwrite(fd, data, 0)
-            _HELD[key] = [fd, 1]
+            _HELD[key] = [fd, 1, threading.get_ident()]
     try:
         yield path
     finally:

@@ -331,7 +331,22 @@ def test_workdir_lock_is_reentrant_and_records_the_holder(run, tmp_path):
             state, _ = run.fit(workdir)  # fit takes the lock too (re-entrant in one process)
         assert_leaves_equal(state, run.final)
     with checkpoint.workdir_lock(workdir):  # released on exit
-        pass
+        # another thread of this process is a second writer: refused at once, like another process
+        import threading  # noqa: PLC0415
+
+        errors = []
+
+        def other():
+            try:
+                with checkpoint.workdir_lock(workdir):
+                    errors.append(None)
+            except checkpoint.WorkdirLockedError as e:
+                errors.append(str(e))
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join(30)
+        assert errors and errors[0] is not None and "another thread" in errors[0]
 
 
 def without_root_privileges(args, **kw):
