@@ -128,6 +128,8 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from diffjax import data as data_lib
 
 __all__ = [
+    "DISTANCE_KEYS",
+    "HEADLINE_KEYS",
     "DATA_NAMES",
     "DENSITY_NAMES",
     "BANDWIDTH_FACTORS",
@@ -153,6 +155,21 @@ __all__ = [
     "sample_quality",
     "gaussian_bits_per_dim",
 ]
+
+#: The keys of :func:`sample_quality` that summaries report: the distances with their data-vs-data floors, and
+#: the metrics with power (present where they apply).
+DISTANCE_KEYS = ("energy_distance", "energy_distance_floor", "mmd_rbf", "mmd_rbf_floor")
+HEADLINE_KEYS = (
+    "support_fraction",
+    "support_fraction_se",
+    "cross_entropy",
+    "cross_entropy_se",
+    "data_entropy",
+    "mmd_p_value",
+    "test_n",
+    "power_vs_blur",
+    "power_vs_off_support",
+)
 
 DATA_NAMES: tuple[str, ...] = (*data_lib.TOY_NAMES, "digits")
 """The data sets the metrics know by name."""

@@ -28,19 +28,6 @@ from diffjax_app.errors import quiet_dependency_logs  # noqa: E402
 
 T0 = time.perf_counter()
 
-#: The sample-quality keys of ``diffjax_app.metrics.sample_quality`` copied into the JSON line when present.
-QUALITY_KEYS = (
-    "support_fraction",
-    "support_fraction_se",
-    "cross_entropy",
-    "cross_entropy_se",
-    "data_entropy",
-    "mmd_p_value",
-    "test_n",
-    "power_vs_blur",
-    "power_vs_off_support",
-)
-
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -92,6 +79,7 @@ def main(argv=None):
     quiet_dependency_logs()
     from diffjax_app.config import ExperimentConfig  # noqa: PLC0415
     from diffjax_app.likelihood_runner import run_likelihood  # noqa: PLC0415
+    from diffjax_app.metrics import DISTANCE_KEYS, HEADLINE_KEYS  # noqa: PLC0415
     from diffjax_app.sample_runner import run_sample  # noqa: PLC0415
     from diffjax_app.train_runner import run_train  # noqa: PLC0415
 
@@ -127,11 +115,7 @@ def main(argv=None):
         "nll": li["nll"],
         "nll_se": li["nll_se"],
         "true_nll": li["true_nll"],
-        "energy_distance": sa["energy_distance"],
-        "energy_distance_floor": sa["energy_distance_floor"],
-        "mmd_rbf": sa["mmd_rbf"],
-        "mmd_rbf_floor": sa["mmd_rbf_floor"],
-        **{k: sa[k] for k in QUALITY_KEYS if k in sa},
+        **{k: sa[k] for k in (*DISTANCE_KEYS, *HEADLINE_KEYS) if k in sa},
         "nfe_sample": sa["nfe_mean"],
         "figures": {**tr.get("figures", {}), **sa.get("figures", {})},
         "warnings": tr.get("warnings", []) + sa.get("warnings", []) + li.get("warnings", []),

@@ -47,23 +47,6 @@ from diffjax_app.config import (  # noqa: E402
 )
 from diffjax_app.errors import quiet_dependency_logs  # noqa: E402
 
-#: The sample-quality keys of ``diffjax_app.metrics.sample_quality`` kept in each row when present.
-QUALITY_KEYS = (
-    "energy_distance",
-    "energy_distance_floor",
-    "mmd_rbf",
-    "mmd_rbf_floor",
-    "support_fraction",
-    "support_fraction_se",
-    "cross_entropy",
-    "cross_entropy_se",
-    "data_entropy",
-    "mmd_p_value",
-    "test_n",
-    "power_vs_blur",
-    "power_vs_off_support",
-)
-
 
 def _num(v, fmt: str) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
@@ -198,22 +181,11 @@ def _plot_samples(root, rows, data_name, n, out):
     )
 
 
-def _quality(sa, wd, args, seed) -> dict:
-    """The new sample metrics from the sample runner's result, computed here if the runner lacks them."""
-    q = {k: sa[k] for k in QUALITY_KEYS if k in sa}
-    if "mmd_p_value" in q:
-        return q
-    import jax  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
+def _quality(sa) -> dict:
+    """The sample runner's quality metrics that the study's rows keep."""
+    from diffjax_app.metrics import DISTANCE_KEYS, HEADLINE_KEYS  # noqa: PLC0415
 
-    from diffjax_app.build import held_out  # noqa: PLC0415
-    from diffjax_app.metrics import sample_quality  # noqa: PLC0415
-
-    samples = np.load(os.path.join(wd, "samples.npy"))
-    ref = np.asarray(held_out(args.data, args.n))
-    floor = np.asarray(held_out(args.data, args.n, reference=True))
-    new = sample_quality(samples, ref, floor, data_name=args.data, key=jax.random.key(seed + 1))
-    return {**q, **{k: new[k] for k in QUALITY_KEYS if k in new}}
+    return {k: sa[k] for k in (*DISTANCE_KEYS, *HEADLINE_KEYS) if k in sa}
 
 
 def _parser():
@@ -316,7 +288,7 @@ def _run_one(o, args, root, progress) -> dict:
         "nll": li["nll"],
         "nll_se": li["nll_se"],
         "true_nll": li["true_nll"],
-        **_quality(sa, wd, args, args.seed),
+        **_quality(sa),
         "nfe_sample": sa["nfe_mean"],
         "nfe_likelihood": li["nfe_mean"],
     }
