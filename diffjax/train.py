@@ -72,9 +72,12 @@ __all__ = [
     "ema_init_weight",
     "ema_update",
     "make_train_step",
+    "make_multi_step",
+    "stack_batches",
     "make_mesh",
     "replicate",
     "shard_batch",
+    "shard_batches",
     "initialize_distributed",
     "dataset_batch_fn",
     "fit",
@@ -350,10 +353,23 @@ def make_train_step(
 
     Metrics: ``loss`` (L before the update), ``grad_norm`` (‖g‖₂ before clipping), ``lr`` (η(s)).
     """
+    step_fn = _step_fn(
+        "make_train_step", apply, objective, optimizer, ema_decay, schedule, loss_fn, ema_warmup
+    )
+    kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
+    if mesh is not None:
+        rep, data = _replicated(mesh), NamedSharding(mesh, PartitionSpec("data"))
+        kwargs.update(in_shardings=(rep, data), out_shardings=(rep, rep))
+    return jax.jit(step_fn, **kwargs)
+
+
+def _step_fn(caller, apply, objective, optimizer, ema_decay, schedule, loss_fn, ema_warmup):
+    """The pure, unjitted step of :func:`make_train_step`; :func:`make_multi_step` scans the very same function,
+    so one step and K fused steps run the same operations."""
     if not callable(apply):
-        raise ValueError(f"make_train_step: apply must be callable, got {type(apply).__name__}")
+        raise ValueError(f"{caller}: apply must be callable, got {type(apply).__name__}")
     if not 0 <= ema_decay < 1:
-        raise ValueError(f"make_train_step: ema_decay must lie in [0, 1), got {ema_decay}")
+        raise ValueError(f"{caller}: ema_decay must lie in [0, 1), got {ema_decay}")
     batch_loss = _default_batch_loss() if loss_fn is None else loss_fn
 
     def step_fn(state: TrainState, batch):
@@ -373,11 +389,72 @@ def make_train_step(
         new_state = TrainState(params, opt_state, ema, state.step + 1, state.key)
         return new_state, metrics
 
+    return step_fn
+
+
+def make_multi_step(
+    apply: Callable,
+    objective,
+    optimizer: optax.GradientTransformation,
+    ema_decay: float,
+    *,
+    schedule: optax.Schedule | None = None,
+    mesh: Mesh | None = None,
+    loss_fn: Callable | None = None,
+    donate: bool = True,
+    ema_warmup: bool = True,
+) -> Callable[[TrainState, PyTree], tuple[TrainState, dict[str, Array]]]:
+    """A jitted ``multi_step(state, batches) -> (new_state, metrics)``: K optimizer steps in ONE dispatch.
+
+    ``batches`` is K per-step batches stacked along a new leading axis (:func:`stack_batches`); ``jax.lax.scan`` runs the
+    step of :func:`make_train_step` over it (score_sde's ``n_jitted_steps``), and ``metrics``
+    holds each step's ``loss``, ``grad_norm`` and ``lr`` as arrays of length K. Step s of the scan draws its t and
+    ε from ``fold_in(key, s)`` exactly as a single step does (t = 0 noise, t = 1 data), so K fused steps give
+    the same state and metrics, bit for bit, as K calls of :func:`make_train_step` on the same batches (the tests
+    check this on CPU).
+
+    Why: a small model's step on CPU (or a GPU) is a few milliseconds of arithmetic next to a fixed cost per
+    dispatch (Python, argument handling of the whole state PyTree, launching the program); K steps per dispatch
+    pay that cost once. K is the leading size of ``batches``: each distinct K compiles once (jit's cache).
+    The arguments are those of :func:`make_train_step`; with ``mesh`` each batch is split over ``"data"`` along
+    its batch axis (axis 1 of ``batches``; :func:`shard_batches`) and the state is replicated.
+
+    Example (a researcher's own loop, K = 16)::
+
+        multi = make_multi_step(apply, objective, optimizer, 0.999, schedule=schedule)
+        for s in range(0, total, 16):
+            state, m = multi(state, stack_batches([batch_fn(s + i) for i in range(16)]))
+    """
+    step_fn = _step_fn(
+        "make_multi_step", apply, objective, optimizer, ema_decay, schedule, loss_fn, ema_warmup
+    )
+
+    def multi_step_fn(state: TrainState, batches):
+        return jax.lax.scan(step_fn, state, batches)
+
     kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
     if mesh is not None:
-        rep, data = _replicated(mesh), NamedSharding(mesh, PartitionSpec("data"))
+        rep, data = _replicated(mesh), NamedSharding(mesh, PartitionSpec(None, "data"))
         kwargs.update(in_shardings=(rep, data), out_shardings=(rep, rep))
-    return jax.jit(step_fn, **kwargs)
+    return jax.jit(multi_step_fn, **kwargs)
+
+
+def stack_batches(batches) -> PyTree:
+    """K per-step batches (a sequence of equal-structure PyTrees) stacked along a new leading axis.
+
+    NumPy leaves are stacked on the host (one transfer per dispatch later); if any leaf is a ``jax.Array`` the
+    stack is done by ``jnp.stack`` where the arrays already are (no round trip through the host).
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("stack_batches: no batches to stack")
+
+    def stack(*xs):
+        if any(isinstance(x, jax.Array) for x in xs):
+            return jnp.stack(xs)
+        return np.stack([np.asarray(x) for x in xs])
+
+    return jax.tree.map(stack, *batches)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -430,23 +507,34 @@ def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
     global array is assembled with ``jax.make_array_from_process_local_data``. The (global) leading size must
     be divisible by the number of devices.
     """
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    return _shard(batch, mesh, PartitionSpec("data"), "shard_batch")
+
+
+def shard_batches(batches: PyTree, mesh: Mesh) -> PyTree:
+    """:func:`shard_batch` for K stacked batches (:func:`stack_batches`): split along the batch axis, axis 1
+    (``P(None, "data")``); the leading steps axis is not split (every device runs all K steps)."""
+    return _shard(batches, mesh, PartitionSpec(None, "data"), "shard_batches")
+
+
+def _shard(tree: PyTree, mesh: Mesh, spec: PartitionSpec, caller: str) -> PyTree:
+    sharding = NamedSharding(mesh, spec)
+    axis = len(spec) - 1  # the axis split over "data"
     n_dev = mesh.devices.size
     multi = jax.process_count() > 1
 
     def put(x):
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
-        n = x.shape[0] * (jax.process_count() if multi else 1)
+        n = x.shape[axis] * (jax.process_count() if multi else 1)
         if n % n_dev:
             raise ValueError(
-                f"shard_batch: the global batch size {n} is not divisible by the {n_dev} devices of the "
+                f"{caller}: the global batch size {n} is not divisible by the {n_dev} devices of the "
                 "mesh; choose batch_size as a multiple of the device count"
             )
         if multi:
             return jax.make_array_from_process_local_data(sharding, np.asarray(x))
         return jax.device_put(x, sharding)
 
-    return jax.tree.map(put, batch)
+    return jax.tree.map(put, tree)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -618,6 +706,7 @@ def fit(
     mesh: Mesh | None = None,
     loss_fn: Callable | None = None,
     extra_config: Mapping[str, Any] | None = None,
+    steps_per_dispatch: int = 1,
 ) -> tuple[TrainState, dict[str, list]]:
     """Train ``apply`` from ``params`` on ``objective`` for ``config.total_steps`` steps; resumable.
 
@@ -638,6 +727,15 @@ def fit(
 
     Every ``log_every`` steps the metrics averaged over the window are appended to the history, passed to
     ``callback(step, state, metrics)`` and shown on the tqdm bar (which also shows steps/s and the ETA).
+
+    ``steps_per_dispatch`` = K > 1 runs K optimizer steps per jitted call (:func:`make_multi_step`: a
+    ``lax.scan`` over K stacked batches ``batch_fn(s), ..., batch_fn(s + K − 1)``), which pays the fixed cost of
+    a dispatch once per K steps: the step rate of small models, dispatch-bound on CPU and GPU. The result is
+    bit-identical to K = 1 (same states, histories and checkpoints; a run may be resumed with another K). A
+    dispatch never crosses a log point, a checkpoint or ``total_steps``: where K does not reach the next one,
+    the remainder runs as dispatches of power-of-two lengths (e.g. K = 16, ``log_every`` = 100: six of 16, one
+    of 4), so at most 1 + log2(K) programs are compiled, each when first needed. A signal stops the run at
+    the end of the current dispatch (at most K steps later) and saves that step.
 
     Safety: before every save and at every log point, params, EMA params and optimizer state are checked to be
     finite (one jitted reduction outside the train step); if not, :class:`NonFiniteStateError` is raised and
@@ -661,6 +759,7 @@ def fit(
         raise ValueError(
             f"fit: checkpoint_every={checkpoint_every} and log_every={log_every} must be >= 1"
         )
+    _check_steps_per_dispatch(steps_per_dispatch)
     with contextlib.ExitStack() as stack:
         manager = None
         state = None
@@ -691,14 +790,10 @@ def fit(
         if state is None:
             state = replicate(init(), mesh)
         stop = stack.enter_context(_stop_on_signals())
-        train_step = make_train_step(
-            apply,
-            objective,
-            optimizer,
-            config.ema_decay,
-            schedule=schedule,
-            mesh=mesh,
-            loss_fn=loss_fn,
+        steps = _Steps(
+            (apply, objective, optimizer, config.ema_decay),
+            {"schedule": schedule, "mesh": mesh, "loss_fn": loss_fn},
+            steps_per_dispatch,
         )
         loop = _Loop(state, history, window, manager, run_config, workdir)
         start, total = int(state.step), config.total_steps
@@ -709,28 +804,85 @@ def fit(
             bar = stack.enter_context(
                 tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, smoothing=0.1)
             )
-        done = start
-        for s in range(start, total):
-            loop.state, metrics = train_step(loop.state, shard_batch(batch_fn(s), mesh))
-            loop.window.append(metrics)
-            done = s + 1
-            if done % log_every == 0 or done == total:
-                means = loop.log(done)
-                if callback is not None:
-                    callback(done, loop.state, means)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{means['loss']:.4g}", lr=f"{means['lr']:.2e}")
-            if bar is not None:
-                bar.update(1)
-            if done % checkpoint_every == 0 or done == total:
-                loop.save(done)
-            if _should_stop(stop, done, log_every):
-                break
+        events = _Events(log_every, checkpoint_every, total, callback, bar)
+        done = _train(loop, steps, batch_fn, start, events, stop)
         if done < total:  # stopped by a signal (a signal in the last step lets the run finish)
             raise loop.interrupted(done, stop.signal or "a signal to another process")
         if manager is not None:
             manager.wait_until_finished()  # the last save completes under the handlers, not after them
     return loop.state, loop.history
+
+
+def _check_steps_per_dispatch(k) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(
+            f"fit: steps_per_dispatch={k!r} must be a positive int (the number of optimizer steps run in one "
+            "jitted dispatch); pass e.g. steps_per_dispatch=1 (one step per call, the default) or 16"
+        )
+
+
+def _dispatch_length(done: int, total: int, k: int, log_every: int, checkpoint_every: int) -> int:
+    """The number of steps of fit's next dispatch after ``done`` steps: K, or the largest power of two that does
+    not pass the next log point, checkpoint or ``total``. A remainder r < K so costs at most log2(r) + 1
+    dispatches, and the lengths ever compiled are K and the powers of two below it (not every remainder)."""
+    boundary = min(
+        total,
+        (done // log_every + 1) * log_every,
+        (done // checkpoint_every + 1) * checkpoint_every,
+    )
+    n = boundary - done
+    return k if n >= k else 1 << (n.bit_length() - 1)
+
+
+class _Steps:
+    """fit's programs: the single step, and the K-step scan (built only for K > 1) that also serves the
+    power-of-two remainders before a log point, checkpoint or the end (jit compiles each length once)."""
+
+    def __init__(self, args, kwargs, k):
+        self.k, self.mesh = int(k), kwargs["mesh"]
+        self.single = make_train_step(*args, **kwargs)
+        self.multi = make_multi_step(*args, **kwargs) if self.k > 1 else None
+
+    def __call__(self, state, batch_fn, start: int, n: int):
+        """Run steps ``start .. start + n − 1``; the metrics are scalars (n = 1) or arrays of length n."""
+        if n == 1:  # the single-step program itself: K = 1 runs exactly the loop it always ran
+            return self.single(state, shard_batch(batch_fn(start), self.mesh))
+        batches = stack_batches(batch_fn(s) for s in range(start, start + n))
+        return self.multi(state, shard_batches(batches, self.mesh))
+
+
+class _Events(NamedTuple):
+    """When fit logs and saves, and whom it tells."""
+
+    log_every: int
+    checkpoint_every: int
+    total: int
+    callback: Callable | None
+    bar: Any
+
+
+def _train(loop: _Loop, steps: _Steps, batch_fn, start: int, ev: _Events, stop: _Stop) -> int:
+    """fit's loop from step ``start``: dispatch, log, save, stop on a signal. Returns the steps done (< total
+    only when a signal stopped it). Log points and saves fall on dispatch ends (:func:`_dispatch_length`)."""
+    done = start
+    while done < ev.total:
+        n = _dispatch_length(done, ev.total, steps.k, ev.log_every, ev.checkpoint_every)
+        loop.state, metrics = steps(loop.state, batch_fn, done, n)
+        loop.window.append(metrics)
+        done += n
+        if done % ev.log_every == 0 or done == ev.total:
+            means = loop.log(done)
+            if ev.callback is not None:
+                ev.callback(done, loop.state, means)
+            if ev.bar is not None:
+                ev.bar.set_postfix(loss=f"{means['loss']:.4g}", lr=f"{means['lr']:.2e}")
+        if ev.bar is not None:
+            ev.bar.update(n)
+        if done % ev.checkpoint_every == 0 or done == ev.total:
+            loop.save(done)
+        if _should_stop(stop, done, ev.log_every):
+            break
+    return done
 
 
 def _should_stop(stop: _Stop, done: int, sync_every: int) -> bool:
@@ -789,8 +941,13 @@ class _Loop:
             last_checkpoint=last,
         )
 
+    def values(self, k: str) -> np.ndarray:
+        """The window's per-step values of metric ``k`` in float64 (entries are scalars, length-n arrays from a
+        fused dispatch, or floats restored from a checkpoint): one transfer per dispatch, at the log point."""
+        return np.concatenate([np.asarray(m[k], np.float64).reshape(-1) for m in self.window])
+
     def log(self, done: int) -> dict[str, float]:
-        means = {k: float(np.mean([float(m[k]) for m in self.window])) for k in self.window[0]}
+        means = {k: float(np.mean(self.values(k))) for k in self.window[0]}
         self.check_finite(done, "at the log point of step")
         self.window = []
         self.history["step"].append(done)
@@ -807,7 +964,10 @@ class _Loop:
         # orbax saves asynchronously: hand it snapshots, not the lists the loop keeps appending to
         extra = {
             "history": {k: list(v) for k, v in self.history.items()},
-            "window": {k: [float(m[k]) for m in self.window] for k in ("loss", "grad_norm", "lr")},
+            "window": {
+                k: self.values(k).tolist() if self.window else []
+                for k in ("loss", "grad_norm", "lr")
+            },
         }
         return ckpt.save(self.manager, step, self.state, self.run_config, extra=extra)
 
