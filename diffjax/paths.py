@@ -35,7 +35,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optimistix as optx
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 __all__ = [
@@ -133,6 +132,8 @@ def _monotone_inverse(fn: Callable, y: Scalar, lo: float, hi: float) -> Float[Ar
     ``fn`` carries (a bound method of a Module, an ``eqx.Partial``), dt/dθ = −(∂fn/∂θ)/fn'(t). At a clipped end
     the gradient is 0. Works under jit, vmap and grad; no runtime check (``throw=False``).
     """
+    import optimistix as optx  # noqa: PLC0415 (only here: training and `import diffjax` never load it)
+
     y = jnp.asarray(y)
     if not jnp.issubdtype(y.dtype, jnp.floating):
         y = y.astype(jnp.result_type(float))

@@ -1,5 +1,6 @@
-"""``import diffjax`` stays light: the heavy submodules (checkpoint, data, nn, train) load lazily; the application
-layer ``diffjax_app`` is never imported by the numerics, and its command line starts without JAX.
+"""``import diffjax`` stays light: the heavy submodules (checkpoint, data, nn, train) and those of the ODE solves
+(solve, grids, sampling, likelihood: diffrax) load lazily; the application layer ``diffjax_app`` is never
+imported by the numerics, and its command line starts without JAX.
 
 Each check runs in a fresh interpreter, since this test process has long imported everything. (No time
 convention is involved here; elsewhere t = 0 is noise and t = 1 is data.)
@@ -14,7 +15,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAVY = ("orbax", "tensorstore", "matplotlib", "sklearn", "flax", "optax")
-LAZY = ("checkpoint", "data", "nn", "train")
+LAZY = ("checkpoint", "data", "nn", "train", "solve", "grids", "sampling", "likelihood")
+#: what training never uses: loaded only by the ODE solves (sampling, likelihood) and the plots
+NOT_FOR_TRAINING = ("diffrax", "optimistix", "lineax", "matplotlib", "sklearn")
 
 
 def run_python(code: str) -> dict:
@@ -47,6 +50,39 @@ def test_import_diffjax_loads_no_heavy_dependency():
     assert out["lazy_loaded"] == [], f"import diffjax imported diffjax.{out['lazy_loaded']}"
 
 
+def test_training_imports_no_solver():
+    # `diffjax train` imports its runner: the model, optimizer and checkpoints, but no ODE solver or plotting
+    # library (they cost ~0.5 s of its start-up); the solver loads with the first solve
+    out = run_python(
+        "import json, sys\n"
+        "import diffjax_app.train_runner, diffjax_app.build\n"
+        f"names = {NOT_FOR_TRAINING!r}\n"
+        "before = sorted({m.split('.')[0] for m in sys.modules} & set(names))\n"
+        "import diffjax as dj\n"
+        "dj.paths.LinearPath()  # the paths need no solver\n"
+        "solve_ok = callable(dj.sample_ode) and 'diffrax' in sys.modules\n"
+        "print(json.dumps({'loaded': before, 'solve_ok': solve_ok}))\n"
+    )
+    assert out["loaded"] == [], f"the train runner loaded {out['loaded']}"
+    assert out["solve_ok"]  # and the lazy names still resolve (negative control of the check above)
+
+
+def test_lazy_names_resolve():
+    out = run_python(
+        "import json, sys\n"
+        "import diffjax as dj\n"
+        "from diffjax import log_likelihood, SolveError, time_grid\n"
+        "ok = dj.log_likelihood is log_likelihood and dj.SolveError is sys.modules['diffjax.solve'].SolveError\n"
+        "ok = ok and dj.sample_ode is dj.sampling.sample_ode and time_grid is dj.sampling.time_grid\n"
+        "ns = {}\n"
+        "exec('from diffjax import *', ns)\n"
+        "missing = [n for n in dj.__all__ if n not in ns]\n"
+        "listed = all(n in dir(dj) for n in ('sample_ode', 'bits_per_dim', 'solve', 'likelihood'))\n"
+        "print(json.dumps({'ok': ok, 'missing': missing, 'listed': listed}))\n"
+    )
+    assert out["ok"] and out["listed"] and out["missing"] == []
+
+
 def test_lazy_submodules_resolve():
     out = run_python(
         "import json, sys\n"
@@ -68,7 +104,7 @@ def test_lazy_submodules_resolve():
     assert "no_such_name" in out["missing"]  # a negative control: unknown names still raise
 
 
-@pytest.mark.parametrize("name", LAZY)
+@pytest.mark.parametrize("name", ("checkpoint", "data", "nn", "train", "sampling"))
 def test_each_lazy_submodule_imports_on_its_own(name):
     # `import diffjax.<name>` first (not via the attribute): the package's __getattr__ must not get in the way
     out = run_python(
