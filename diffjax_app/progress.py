@@ -7,6 +7,8 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
+from .startup import resume_gc
+
 __all__ = ["chunks", "bar", "run_chunks"]
 
 
@@ -44,6 +46,7 @@ def run_chunks(fn, inputs: tuple, chunk: int, desc: str, progress: bool, check):
             if first is None:
                 first = time.perf_counter() - tic
                 b.set_description(desc)
+                resume_gc()  # the start-up is over (diffjax_app.startup)
             b.update(m)
     return outs, first
 

@@ -20,6 +20,7 @@ from diffjax import checkpoint as ckpt, train
 from .build import build_model, train_batch_fn
 from .config import ExperimentConfig
 from .errors import NonFiniteError, RunError, notice
+from .startup import resume_gc
 from .workdir import (
     EXPERIMENT_FILE,
     make_run_dir,
@@ -71,7 +72,8 @@ def _intact_step(workdir: str) -> int:
 
 
 def _first_step_timer(batch_fn, t_start: float):
-    """``batch_fn`` that records the time of its second call (the first step is then compiled and running)."""
+    """``batch_fn`` that records the time of its second call (the first step is then compiled and running),
+    and then ends the CLI's garbage-collector pause of the start-up (:mod:`diffjax_app.startup`)."""
     first: dict[str, float] = {}
     calls = [0]
 
@@ -79,6 +81,7 @@ def _first_step_timer(batch_fn, t_start: float):
         calls[0] += 1
         if calls[0] == 2:
             first["t"] = time.perf_counter() - t_start
+            resume_gc()
         return batch_fn(s)
 
     return timed, first

@@ -201,6 +201,85 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
     assert _cache.resolve_cache_dir("off") is None
 
 
+def test_cache_off_switches(monkeypatch, tmp_path):
+    # --cache-dir off, or DIFFJAX_CACHE_DIR=off, turns the cache off before JAX is configured
+    parser = cli.build_parser()
+    args = parser.parse_args(["sample", "--workdir", str(tmp_path), "--cache-dir", "off"])
+    assert cli._configure_cache(args, parser) is None
+    monkeypatch.setenv(_cache.ENV_VAR, "off")
+    args = parser.parse_args(["sample", "--workdir", str(tmp_path)])
+    assert cli._configure_cache(args, parser) is None
+
+
+_OWN_PROCESS = """
+import gc, json, os, sys
+import jax
+from diffjax_app import cli
+sys.argv = ["diffjax", "train", "--data", "checkerboard", "--steps", "2", "--workdir", sys.argv[1], *sys.argv[2:]]
+try:
+    cli.main()
+except SystemExit:
+    pass
+d = jax.config.jax_compilation_cache_dir
+print(json.dumps({
+    "dir": d, "files": sorted(os.listdir(d)) if d else [],
+    "min_time": jax.config.jax_persistent_cache_min_compile_time_secs,
+    "min_size": jax.config.jax_persistent_cache_min_entry_size_bytes,
+    "gc_on": gc.isenabled(), "frozen": gc.get_freeze_count(),
+}))
+"""
+
+
+def test_command_caches_every_program_by_default(tmp_path):
+    # `diffjax train` in a process of its own, no flag and no $DIFFJAX_CACHE_DIR: the persistent cache is on at
+    # the default place and keeps even the smallest programs (JAX's defaults skip those compiled in < 1 s, so a
+    # warm start would compile them again); the start-up's GC pause has ended (diffjax_app.startup)
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    env = {k: v for k, v in os.environ.items() if k != _cache.ENV_VAR}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), JAX_PLATFORMS="cpu")
+    argv = [*TINY, "--batch-size", "8", "--no-figures"]
+    proc = subprocess.run(
+        [sys.executable, "-c", _OWN_PROCESS, str(tmp_path / "run"), *argv],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    result, state = json.loads(lines[-2]), json.loads(lines[-1])
+    expected = str(tmp_path / "xdg" / "diffjax" / "jax")
+    assert result["cache_dir"] == expected and state["dir"] == expected
+    assert state["min_time"] == 0 and state["min_size"] == 0
+    assert any(f.startswith("jit_step_fn-") for f in state["files"]), state["files"]
+    assert len(state["files"]) >= 5  # the small programs too (the batch sampler, the finiteness check, ...)
+    assert state["gc_on"] and state["frozen"] > 0
+
+
+def test_gc_pause_is_scoped():
+    import gc  # noqa: PLC0415
+
+    from diffjax_app import startup  # noqa: PLC0415
+
+    assert gc.isenabled() and not startup.gc_paused()
+    startup.resume_gc()  # not paused here: nothing happens
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    startup.pause_gc()
+    try:
+        assert not gc.isenabled() and startup.gc_paused()
+    finally:
+        startup.resume_gc()
+    assert gc.isenabled() and not startup.gc_paused() and gc.get_freeze_count() > 0
+    gc.unfreeze()
+    gc.disable()  # a collector that someone else turned off stays off
+    try:
+        startup.pause_gc()
+        startup.resume_gc()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_run_with_other_time_features_is_refused(tmp_path):
     cfg = config.ExperimentConfig(
         data="checkerboard", steps=2, batch_size=16, hidden=16, depth=1, warmup=1, time_scale=1000.0
