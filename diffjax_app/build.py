@@ -108,6 +108,17 @@ def _network(config: ExperimentConfig):
     )
 
 
+def _init_network(config: ExperimentConfig):
+    """``nn.split`` of the config's freshly initialised network.
+
+    The MLP (2-D data) is initialised by one jitted program: eagerly, each of its ~20 distinct init ops is a
+    program of its own, lowered and looked up in the compilation cache on every start. The UNet's init program
+    costs more to trace and lower than its eager ops do, so it stays eager. Both give the same parameters.
+    """
+    make = functools.partial(_network, config)
+    return nn.split(make() if config.is_image else nnx.jit(make)())
+
+
 def build_model(config: ExperimentConfig):
     """``(apply, params, objective, path)`` for a config (resolved first if needed).
 
@@ -118,7 +129,7 @@ def build_model(config: ExperimentConfig):
     config = config.resolved() if config.sigma_data is None or config.path is None else config
     path = build_path(config.path_name)
     objective = build_objective(config.objective, path, config.sigma_data)
-    raw_apply, params = nn.split(_network(config))
+    raw_apply, params = _init_network(config)
     if config.objective != "edm":
         return raw_apply, params, objective, path
     sd = float(config.sigma_data)
@@ -136,17 +147,21 @@ def train_batch_fn(config: ExperimentConfig) -> Callable[[int], jax.Array]:
     stream; the held-out set uses other keys). Digits: shuffled epochs of the 1497 training images
     (``train.dataset_batch_fn``), uniformly dequantized afresh at every step (``data.digits_to_model_space``).
     """
+    # each step's batch is one jitted program, fold_in of the step included (one dispatch per step, one program
+    # to load on a warm start); the keys are arguments, not constants, so every seed shares the program
     base = jax.random.key(config.seed)
     if config.is_image:
         images = np.asarray(data_lib.load_digits("train"))
         ints = train.dataset_batch_fn(images, config.batch_size, jax.random.fold_in(base, 1))
-        dequant = jax.jit(data_lib.digits_to_model_space)
+        dequant = jax.jit(
+            lambda k, key, s: data_lib.digits_to_model_space(k, jax.random.fold_in(key, s))
+        )
         k_deq = jax.random.fold_in(base, 2)
-        return lambda s: dequant(ints(s), jax.random.fold_in(k_deq, s))
+        return lambda s: dequant(ints(s), k_deq, s)
     name, bs = config.data, config.batch_size
-    sample = jax.jit(lambda k: data_lib.toy_sample(name, k, bs))
+    sample = jax.jit(lambda key, s: data_lib.toy_sample(name, jax.random.fold_in(key, s), bs))
     k_data = jax.random.fold_in(base, 3)
-    return lambda s: sample(jax.random.fold_in(k_data, s))
+    return lambda s: sample(k_data, s)
 
 
 def held_out(data: str, n: int | None = None, *, reference: bool = False):

@@ -173,6 +173,30 @@ def test_builders_reject_unknown_names():
     assert config.ExperimentConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
+def test_start_up_programs_match_the_eager_computation():
+    # build.py fuses start-up work into single jitted programs (fewer programs to load on a warm start): the
+    # MLP's initial parameters and sigma_data are bitwise those of the eager ops, each step's toy batch that of
+    # the jitted sampler fed an eagerly folded key (as before; eager sampling differs from jitted by an ulp)
+    import jax  # noqa: PLC0415
+
+    from diffjax import data as data_lib, nn  # noqa: PLC0415
+
+    cfg = config.ExperimentConfig(data="moons", steps=5, hidden=16, depth=2, batch_size=8, seed=3).resolved()
+    _, fused = build._init_network(cfg)
+    _, eager = nn.split(build._network(cfg))
+    leaves = jax.tree.leaves(fused)
+    assert len(leaves) == len(jax.tree.leaves(eager)) > 0
+    assert all(np.array_equal(a, b) for a, b in zip(leaves, jax.tree.leaves(eager), strict=True))
+    batch = build.train_batch_fn(cfg)
+    key = jax.random.fold_in(jax.random.key(3), 3)
+    sample = jax.jit(lambda k: data_lib.toy_sample("moons", k, 8))
+    for s in (0, 7):
+        ref = sample(jax.random.fold_in(key, s))
+        assert np.array_equal(batch(s), ref)
+    ref_std = float(jax.numpy.std(data_lib.toy_sample("moons", jax.random.key(0), 20_000)))
+    assert build.data_std("moons") == ref_std
+
+
 def test_energy_distance_and_mmd_against_numpy():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(40, 2)), rng.normal(1.0, 1.0, size=(30, 2))
