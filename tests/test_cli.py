@@ -175,8 +175,8 @@ def test_builders_reject_unknown_names():
 
 def test_start_up_programs_match_the_eager_computation():
     # build.py fuses start-up work into single jitted programs (fewer programs to load on a warm start): the
-    # MLP's initial parameters and sigma_data are bitwise those of the eager ops, each step's toy batch that of
-    # the jitted sampler fed an eagerly folded key (as before; eager sampling differs from jitted by an ulp)
+    # MLP's initial parameters are bitwise those of the eager ops, each step's toy batch that of the jitted
+    # sampler fed an eagerly folded key (as before; eager sampling differs from jitted by an ulp)
     import jax  # noqa: PLC0415
 
     from diffjax import data as data_lib, nn  # noqa: PLC0415
@@ -193,8 +193,15 @@ def test_start_up_programs_match_the_eager_computation():
     for s in (0, 7):
         ref = sample(jax.random.fold_in(key, s))
         assert np.array_equal(batch(s), ref)
-    ref_std = float(jax.numpy.std(data_lib.toy_sample("moons", jax.random.key(0), 20_000)))
-    assert build.data_std("moons") == ref_std
+
+
+def test_stored_data_std_is_the_measured_one():
+    # sigma_data comes from build.DATA_STD (no program at start-up); it must stay what the data give
+    assert set(build.DATA_STD) == set(config.DATASETS)
+    for name, value in build.DATA_STD.items():
+        measured = build.measured_data_std(name)
+        assert measured == pytest.approx(value, rel=1e-6) and round(measured, 4) == round(value, 4), name
+    assert config.ExperimentConfig(data="moons").resolved().sigma_data == round(build.DATA_STD["moons"], 4)
 
 
 def test_energy_distance_and_mmd_against_numpy():
