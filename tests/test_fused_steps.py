@@ -10,9 +10,12 @@ Cost: a tiny MLP, a batch of 16 and at most 16 steps; each fit compiles its own 
 its power-of-two remainders), so the number of fit calls is kept small and each reference run is shared.
 """
 
+import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 
 import jax
@@ -192,6 +195,59 @@ def test_dispatch_lengths_stay_within_events_and_few_programs():
         lengths.append(train._dispatch_length(done, 2000, 16, 100, 1000))
         done += lengths[-1]
     assert lengths == [16] * 6 + [4]
+
+
+# 3 single steps against one fused dispatch of 3 on 4 CPU devices (batch split over "data", state
+# replicated), in a fresh process: the programs fit compiles with its mesh, without fit's other work
+FOUR_DEVICES = """
+import json
+import jax
+import numpy as np
+from flax import nnx
+from diffjax import data, losses, nn, train
+
+apply, params = nn.split(nn.MLP(2, hidden=16, depth=2, time_dim=8, rngs=nnx.Rngs(0)))
+batches = np.asarray(data.toy_sample("moons", jax.random.key(1), 3 * 16)).reshape(3, 16, 2)
+config = train.TrainConfig(warmup_steps=1, total_steps=6, batch_size=16)
+optimizer, mesh = train.make_optimizer(config), train.make_mesh()
+args = (apply, losses.flow_matching(), optimizer, config.ema_decay)
+kw = dict(schedule=train.make_schedule(config), mesh=mesh)
+single, multi = train.make_train_step(*args, **kw), train.make_multi_step(*args, **kw)
+state = train.init_state(params, optimizer, jax.random.key(0))
+one = train.replicate(state, mesh)
+for b in batches:
+    one, _ = single(one, train.shard_batch(b, mesh))
+stacked = train.shard_batches(train.stack_batches(list(batches)), mesh)
+fused, _ = multi(train.replicate(state, mesh), stacked)
+leaves = [jax.tree.leaves(x) for x in (one, fused)]
+print(json.dumps({
+    "n_devices": jax.device_count(),
+    "bitwise": all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(*leaves, strict=True)),
+    "stacked_shape": list(stacked.shape),
+    "shard_shape": list(stacked.addressable_shards[0].data.shape),
+    "param_devices": len(jax.tree.leaves(fused.params)[0].devices()),
+}))
+"""
+
+
+def test_fused_fit_on_four_devices_is_bit_identical():
+    """Data parallel: K stacked batches are split along the batch axis (axis 1), not the steps axis, and K fused
+    steps equal K single steps bit for bit on 4 devices too (the all-reduce inside the scan included)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
+        PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", FOUR_DEVICES], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["n_devices"] == 4 and out["param_devices"] == 4
+    assert out["stacked_shape"] == [3, 16, 2] and out["shard_shape"] == [3, 4, 2]
+    assert out["bitwise"]
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.0, 1.5, True, "4", None])
