@@ -13,7 +13,7 @@ import numpy as np
 
 from diffjax import data as data_lib, solve
 from diffjax.fields import integration_interval, velocity_field
-from diffjax.likelihood import log_likelihood_with_stats
+from diffjax.likelihood import DEFAULT_ATOL, DEFAULT_RTOL, log_likelihood_with_stats
 
 from .build import held_out
 from .config import DATASETS, check_name
@@ -90,8 +90,8 @@ def run_likelihood(
     n: int | None = None,
     *,
     seed: int = 0,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    rtol: float | None = None,
+    atol: float | None = None,
     num_steps: int | None = None,
     chunk: int | None = None,
     progress: bool = True,
@@ -109,6 +109,8 @@ def run_likelihood(
     """
     from .metrics import true_nll  # noqa: PLC0415
 
+    rtol = DEFAULT_RTOL if rtol is None else rtol
+    atol = DEFAULT_ATOL if atol is None else atol
     run = restore(workdir)
     workdir = os.path.abspath(os.fspath(workdir))
     data = run.config.data if data is None else data

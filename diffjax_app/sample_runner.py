@@ -87,8 +87,8 @@ def run_sample(
     n: int = 1000,
     *,
     seed: int = 0,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    rtol: float | None = None,
+    atol: float | None = None,
     num_steps: int | None = None,
     chunk: int | None = None,
     num_trajectories: int = 300,
@@ -107,6 +107,7 @@ def run_sample(
 
     if n < 1:
         raise ValueError(f"run_sample: n={n} must be >= 1")
+    rtol, atol = (1e-5 if v is None else v for v in (rtol, atol))
     run = restore(workdir)
     workdir = os.path.abspath(os.fspath(workdir))
     t0, t1 = (float(v) for v in integration_interval(run.path, run.objective.prediction))
