@@ -23,6 +23,7 @@ from . import (
     losses as losses,
     paths as paths,
     targets as targets,
+    time_change as time_change,
     vlb as vlb,
 )
 from .analytic import GaussianMixture as GaussianMixture
@@ -81,6 +82,7 @@ from .targets import (
     interpolate as interpolate,
     target as target,
 )
+from .time_change import LinearPathTime as LinearPathTime, PathTime as PathTime
 from .vlb import ELBOResult as ELBOResult, elbo as elbo
 
 __version__ = "0.1.0"
@@ -182,12 +184,14 @@ __all__ = [
     "KINDS",
     "LikelihoodResult",
     "LinearPath",
+    "LinearPathTime",
     "log_likelihood",
     "log_likelihood_with_stats",
     "LogSNRPath",
     "loss",
     "min_snr",
     "Normal",
+    "PathTime",
     "Objective",
     "raise_if_failed",
     "sample_ode",
