@@ -65,10 +65,11 @@ def test_train_result_and_metrics(trained):
 
 
 def test_train_resumes_and_continues(trained, capsys):
+    """Resumed with two fused steps per dispatch (the first run had one): K is a run option, not config."""
     trained, _ = trained
     capsys.readouterr()
     argv = ["train", "--data", "checkerboard", "--steps", "6", "--workdir", str(trained)]
-    cli.main([*argv, *TINY, "--cache-dir", "off", "--no-figures"])
+    cli.main([*argv, *TINY, "--cache-dir", "off", "--no-figures", "--steps-per-dispatch", "2"])
     r = _json_line(capsys)
     assert (r["start_step"], r["step"], r["steps_run"]) == (4, 6, 2)
     history = json.loads((trained / "metrics.json").read_text())["train"]["history"]
