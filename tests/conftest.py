@@ -12,6 +12,15 @@ import os
 # already in the environment is kept as it is.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
+import signal  # noqa: E402
+
+# A shell without job control starts a background command (``cmd &``, ``nohup``) with SIGINT ignored, and every
+# process it starts inherits that: the tests of Ctrl-C handling (in this process and in the training processes
+# they start) would then see no SIGINT at all. Give the suite the interactive default; a child started after this
+# gets SIGINT at its default too (exec resets a caught signal, and Python installs its handler).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
