@@ -167,11 +167,12 @@ def _messages(max_steps):
     }
 
 
-#: Default tolerances of the adaptive likelihood solve, with :func:`log_density_norm`. Measured in float32 against
-#: the Gaussian-mixture oracle (``benchmarks/likelihood.py``; 4,096 points, exact trace, exact prior): max |error|
-#: ≤ 1e-4 nats for the 3-component mixture on the linear, cosine and VP paths (2e-5 or less) and for an 8-Gaussian
-#: ring of standard deviation 0.05 on the linear and cosine paths (≤ 7e-5); 2e-4 for the ring on VP, which needs
-#: rtol = atol = 1e-7. The previous defaults rtol = atol = 1e-5 with diffrax's RMS norm gave 2e-4 to 3e-4.
+#: Default tolerances of the adaptive likelihood solve, with :func:`log_density_norm` and the linear-path time.
+#: Measured in float32 against the Gaussian-mixture oracle (``benchmarks/likelihood.py``, 4,096 points, exact
+#: trace, exact prior): max |error| 2.9e-5 to 3.2e-5 nats for the 3-component mixture on the linear, cosine and VP
+#: paths; 9.1e-5 and 6.1e-5 for an 8-Gaussian ring of standard deviation 0.05 on the linear and cosine paths, and
+#: 1.1e-4 on VP (below 1e-4 at 128 points, tests/test_likelihood.py). The previous defaults (rtol = atol = 1e-5,
+#: diffrax's RMS norm, time t) gave up to 2e-4 (mixture) and 3e-4 (ring).
 DEFAULT_RTOL = 1e-6
 DEFAULT_ATOL = 3e-6
 
@@ -208,7 +209,7 @@ def _augmented_field(trace: AbstractTrace, closed):
         state, t_lo, t_hi, path, change = closed if closed is not None else data
         z, _ = y
         # Keep every evaluation inside [t0, t1]: stages never leave the interval, but an initial step-size guess
-        # may, and paths/oracles are defined on [0, 1] only.
+        # may, and paths/oracles are defined on [0, 1] only (t_of_s clamps its own domain).
         t = jnp.clip(change.t_of_s(path, s), t_lo, t_hi).astype(z.dtype)
         c, dc = change.scale(path, t)
         g = change.ds_dt(path, t)
@@ -240,12 +241,13 @@ def _endpoint(path, t1, x, endpoint):
 
 
 def _controller(change, path, interval, rtol, atol, norm, num_steps):
-    """The PID controller on the log-density norm, or ``num_steps`` equal steps in the integration variable."""
+    """The PID controller on the log-density norm, or ``num_steps`` equal steps in the integration variable
+    (in the dtype of the interval, which is x's: a path's float64 leaves under x64 must not promote the grid)."""
     if num_steps is None:
         return diffrax.PIDController(
             rtol=rtol, atol=atol, norm=log_density_norm if norm is None else norm
         )
-    s_lo, s_hi = (change.s_of_t(path, t) for t in interval)
+    s_lo, s_hi = (change.s_of_t(path, t).astype(t.dtype) for t in interval)
     return diffrax.StepTo(ts=jnp.linspace(s_hi, s_lo, num_steps + 1))
 
 
@@ -410,8 +412,8 @@ def log_likelihood(velocity: Field, path: AbstractPath, x: Float[ArrayLike, "*sh
 
     log p_{t1}(x) = log p_{t0}(X_{t0}) − ∫_{t0}^{t1} ∇·u_t(X_t) dt, solved backwards from the data end t1 to the
     noise end t0 with diffrax. Same keyword arguments as :func:`log_likelihood_with_stats` (key, trace,
-    num_probes, probe, solver, rtol, atol, norm, max_steps, t0, t1, prior_log_prob, endpoint, adjoint, num_steps,
-    chunk_size, throw), which also returns the prior term, the integral, the endpoint perturbation
+    num_probes, probe, solver, rtol, atol, norm, time, max_steps, t0, t1, prior_log_prob, endpoint, adjoint,
+    num_steps, chunk_size, throw), which also returns the prior term, the integral, the endpoint perturbation
     σ_{t1}/α_{t1}, step counts, NFE, the status and the precision. Batch with ``jax.vmap``.
     """
     return log_likelihood_with_stats(velocity, path, x, **kwargs).log_prob

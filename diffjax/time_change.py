@@ -42,7 +42,7 @@ class AbstractTimeChange(eqx.Module):
 
     @abc.abstractmethod
     def t_of_s(self, path: AbstractPath, s: Float[Array, ""]) -> Float[Array, ""]:
-        """The exact inverse of :meth:`s_of_t`."""
+        """The exact inverse of :meth:`s_of_t` (clamped to the variable's range outside it)."""
 
     @abc.abstractmethod
     def ds_dt(self, path: AbstractPath, t: Float[Array, ""]) -> Float[Array, ""]:
@@ -81,6 +81,8 @@ class LinearPathTime(AbstractTimeChange):
         return a / (a + s)
 
     def t_of_s(self, path, tau):
+        # τ outside [0, 1] (an initial step-size guess may probe past an end) is clamped: log of a negative is NaN
+        tau = jnp.clip(tau, 0.0, 1.0)
         return path.t_from_log_snr(2.0 * (jnp.log(tau) - jnp.log1p(-tau)))
 
     def ds_dt(self, path, t):

@@ -741,7 +741,8 @@ def fit(
     bit-identical to K = 1 (same states, histories and checkpoints; a run may be resumed with another K). A
     dispatch never crosses a log point, a checkpoint or ``total_steps``: where K does not reach the next one,
     the remainder runs as dispatches of power-of-two lengths (e.g. K = 16, ``log_every`` = 100: six of 16, one
-    of 4), so at most 1 + log2(K) programs are compiled, each when first needed. A signal stops the run at
+    of 4), so at most 1 + log2(K) programs are compiled, each when first needed; a K above ``log_every`` or
+    ``checkpoint_every`` is in effect capped by them. A signal stops the run at
     the end of the current dispatch (at most K steps later) and saves that step.
 
     Safety: before every save and at every log point, params, EMA params and optimizer state are checked to be

@@ -146,7 +146,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=1,
         help="optimizer steps per jitted dispatch (a lax.scan; bit-identical for every value, faster for "
-        "small models)",
+        "small models; a dispatch never crosses a log point or checkpoint)",
     )
     p.add_argument("--no-figures", action="store_true", help="do not write PNG figures")
 

@@ -139,6 +139,8 @@ def run_likelihood(
         "solver": "tsit5 (adaptive)" if num_steps is None else f"tsit5, {num_steps} fixed steps",
         "rtol": rtol,
         "atol": atol,
+        "time": "linear",  # diffjax's default integration variable and error norm
+        "norm": "log_density",
         "t0": t0,
         "t1": t1,
         "likelihood_wall_s": wall,

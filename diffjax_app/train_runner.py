@@ -71,16 +71,16 @@ def _intact_step(workdir: str) -> int:
     return 0
 
 
-def _first_step_timer(batch_fn, t_start: float, steps_per_dispatch: int = 1):
-    """``batch_fn`` that records the time of its call for the second dispatch (call K + 1 with K steps per
-    dispatch: the first dispatch is then compiled and running), and then ends the CLI's garbage-collector pause of
-    the start-up (:mod:`diffjax_app.startup`)."""
+def _first_step_timer(batch_fn, t_start: float, first_dispatch: int = 1):
+    """``batch_fn`` that records the time of its call for the second dispatch (call n + 1 for a first dispatch of
+    n steps: it is then compiled and running), and then ends the CLI's garbage-collector pause of the start-up
+    (:mod:`diffjax_app.startup`)."""
     first: dict[str, float] = {}
     calls = [0]
 
     def timed(s):
         calls[0] += 1
-        if calls[0] == steps_per_dispatch + 1:
+        if calls[0] == first_dispatch + 1:
             first["t"] = time.perf_counter() - t_start
             resume_gc()
         return batch_fn(s)
@@ -140,7 +140,14 @@ def run_train(
         config = config.resolved()
         start_step = _prepare(workdir, config)
         apply, params, objective, _ = build_model(config)
-        batch_fn, first = _first_step_timer(train_batch_fn(config), t_start, steps_per_dispatch)
+        log_every = log_every or max(1, min(100, config.steps // 100))
+        # fit's first dispatch after start_step (it ends at the first log point, checkpoint or the end)
+        n1 = 1
+        if start_step < config.steps:
+            n1 = train._dispatch_length(
+                start_step, config.steps, steps_per_dispatch, log_every, checkpoint_every
+            )
+        batch_fn, first = _first_step_timer(train_batch_fn(config), t_start, n1)
         t0 = time.perf_counter()
         state, history = train.fit(
             apply,
@@ -150,7 +157,7 @@ def run_train(
             config.train_config(),
             workdir=workdir,
             checkpoint_every=checkpoint_every,
-            log_every=log_every or max(1, min(100, config.steps // 100)),
+            log_every=log_every,
             steps_per_dispatch=steps_per_dispatch,
             progress=progress,
             extra_config=config.guarded_config(),

@@ -16,6 +16,13 @@ from diffjax.likelihood import log_likelihood_with_stats
 from diffjax.paths import CosinePath, EDMPath, LinearPath, VEPath, VPPath
 from diffjax.time_change import LinearPathTime, PathTime, as_time_change
 
+
+class _NoScaleDerivative(LinearPathTime):
+    """A broken change of variables (ċ dropped): the negative control of the exactness tests."""
+
+    def scale(self, path, t):
+        return super().scale(path, t)[0], jnp.zeros_like(t)
+
 PATHS = [LinearPath(), CosinePath(), VPPath(), VEPath(), EDMPath()]
 IDS = ["linear", "cosine", "VP", "VE", "EDM"]
 TS = np.linspace(0.05, 0.95, 7)
@@ -54,8 +61,8 @@ def test_path_time_is_the_identity_and_names_are_checked():
 
 def test_both_variables_agree_on_vp_for_hutchinson_and_fixed_steps():
     """The change of variables is exact: with one fixed probe (the same estimator) the two variables give the same
-    estimate to solver accuracy, and 64 fixed Heun steps in τ reach the oracle's log p_{t1} (negative control:
-    the one-probe estimate is visibly off it)."""
+    estimate to solver accuracy, and 64 fixed Heun steps in τ reach the oracle's log p_{t1} (negative control: the
+    same grid with ċ dropped from the transformed field misses it)."""
     gm = GaussianMixture(jnp.array([0.6, 0.4]), jnp.array([[-1.0, 0.0], [1.0, 0.5]]), jnp.array([[0.2, 0.3], [0.3, 0.1]]))
     path = VPPath()
     u = velocity_field(gm.model("velocity", path), "velocity", path)
@@ -67,5 +74,21 @@ def test_both_variables_agree_on_vp_for_hutchinson_and_fixed_steps():
     # a fixed grid (uniform in τ) reaches the Hutchinson-free answer, which the one-probe estimate does not
     exact_prior = lambda z: gm.marginal_log_prob(path, path.t_min, z)  # VP's α_0 ≠ 0: not N(0, I)
     fixed = float(log_likelihood_with_stats(u, path, x, num_steps=64, prior_log_prob=exact_prior).log_prob)
-    np.testing.assert_allclose(fixed, float(gm.marginal_log_prob(path, path.t_max, x)), atol=2e-3)
-    assert abs(b - fixed) > 2e-3
+    truth = float(gm.marginal_log_prob(path, path.t_max, x))
+    np.testing.assert_allclose(fixed, truth, atol=2e-3)
+    broken = log_likelihood_with_stats(
+        u, path, x, num_steps=64, prior_log_prob=exact_prior, time=_NoScaleDerivative()
+    ).log_prob
+    assert abs(float(broken) - truth) > 1e-2
+
+
+def test_fixed_grid_of_float32_input_under_x64(x64):
+    """With x64 on, VP's leaves are float64; a float32 example keeps a float32 grid and result."""
+    path = VPPath()
+    gm = GaussianMixture(jnp.array([1.0]), jnp.array([[0.3, -0.2]]), jnp.array([[0.4, 0.2]]))
+    u = velocity_field(gm.model("velocity", path), "velocity", path)
+    x = jnp.array([0.1, 0.2], jnp.float32)
+    exact_prior = lambda z: gm.marginal_log_prob(path, path.t_min, z)
+    res = log_likelihood_with_stats(u, path, x, num_steps=32, prior_log_prob=exact_prior)
+    assert res.dtype == "float32"
+    np.testing.assert_allclose(float(res.log_prob), float(gm.marginal_log_prob(path, path.t_max, x)), atol=5e-3)
