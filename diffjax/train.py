@@ -362,11 +362,17 @@ def make_train_step(
     step_fn = _step_fn(
         "make_train_step", apply, objective, optimizer, ema_decay, schedule, loss_fn, ema_warmup
     )
+    return _jit_step(step_fn, mesh, donate, PartitionSpec("data"))
+
+
+def _jit_step(fn, mesh, donate, batch_spec):
+    """``fn(state, batch)`` jitted with the state donated (if ``donate``) and, with ``mesh``, the state replicated
+    and the batch sharded by ``batch_spec``."""
     kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
     if mesh is not None:
-        rep, data = _replicated(mesh), NamedSharding(mesh, PartitionSpec("data"))
+        rep, data = _replicated(mesh), NamedSharding(mesh, batch_spec)
         kwargs.update(in_shardings=(rep, data), out_shardings=(rep, rep))
-    return jax.jit(step_fn, **kwargs)
+    return jax.jit(fn, **kwargs)
 
 
 def _step_fn(caller, apply, objective, optimizer, ema_decay, schedule, loss_fn, ema_warmup):
@@ -438,11 +444,7 @@ def make_multi_step(
     def multi_step_fn(state: TrainState, batches):
         return jax.lax.scan(step_fn, state, batches)
 
-    kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
-    if mesh is not None:
-        rep, data = _replicated(mesh), NamedSharding(mesh, PartitionSpec(None, "data"))
-        kwargs.update(in_shardings=(rep, data), out_shardings=(rep, rep))
-    return jax.jit(multi_step_fn, **kwargs)
+    return _jit_step(multi_step_fn, mesh, donate, PartitionSpec(None, "data"))
 
 
 def stack_batches(batches) -> PyTree:
