@@ -117,7 +117,8 @@ def run_likelihood(
     _check_data(data, run.config, workdir)
     t0, t1 = (float(v) for v in integration_interval(run.path, run.objective.prediction))
     ll_kwargs = dict(
-        solver="tsit5", rtol=rtol, atol=atol, num_steps=num_steps, t0=t0, t1=t1, throw=False
+        solver="tsit5", rtol=rtol, atol=atol, time="linear", num_steps=num_steps, t0=t0, t1=t1,
+        throw=False,
     )
     xs = held_out(data, n)
     chunk = min(chunk or (50 if run.config.is_image else 500), len(xs))
@@ -139,8 +140,8 @@ def run_likelihood(
         "solver": "tsit5 (adaptive)" if num_steps is None else f"tsit5, {num_steps} fixed steps",
         "rtol": rtol,
         "atol": atol,
-        "time": "linear",  # diffjax's default integration variable and error norm
-        "norm": "log_density",
+        "time": ll_kwargs["time"],
+        "norm": "log_density",  # diffjax's default error norm (the runner passes none)
         "t0": t0,
         "t1": t1,
         "likelihood_wall_s": wall,
