@@ -147,6 +147,26 @@ def stats_line(name, out, ref, w, c):
     )
 
 
+def compare(title, key, v, path, prior, make, xs, ref, repeats, results):
+    """diffjax's untuned default against the minimal solve at its tuned tolerance, interleaved; prints both and
+    returns the minimal solve's output (log p, steps)."""
+
+    def dj_one(x):
+        r = log_likelihood_with_stats(v, path, x, prior_log_prob=prior)
+        return r.log_prob, r.num_steps
+
+    dj = jax.jit(jax.vmap(dj_one))
+    c_dj, out_dj = cold(dj, xs)
+    tol, mn, out_mn, c_mn = tuned(make, xs, ref)
+    w_dj, w_mn = warm_interleaved([dj, mn], (xs,), repeats)
+    print(title)
+    print(stats_line("diffjax default", out_dj, ref, w_dj, c_dj))
+    print(stats_line(f"minimal diffrax, tol {tol:.0e}", out_mn, ref, w_mn, c_mn))
+    print(f"  ratio minimal / diffjax (warm): {w_mn / w_dj:.2f}")
+    results[key] = dict(diffjax_ms=w_dj * 1e3, minimal_ms=w_mn * 1e3, minimal_tol=tol)
+    return out_mn
+
+
 # --- cases ----------------------------------------------------------------------------------------------------
 def wide_mixture():
     return GaussianMixture(
@@ -169,22 +189,11 @@ def bench_oracle(name, gm, path, n, repeats, results):
     exact_prior = lambda z: gm.marginal_log_prob(path, t0, z)
     ref = np.asarray(jax.vmap(lambda x: gm.marginal_log_prob(path, t1, x))(xs), np.float64)
 
-    def dj_one(x):
-        r = log_likelihood_with_stats(v, path, x, prior_log_prob=exact_prior)
-        return r.log_prob, r.num_steps
-
-    dj = jax.jit(jax.vmap(dj_one))
     make = lambda tol, ch=None: jax.jit(
         jax.vmap(lambda x: minimal_log_likelihood(v, exact_prior, x, t0, t1, tol, ch))
     )
-    c_dj, out_dj = cold(dj, xs)
-    tol, mn, out_mn, c_mn = tuned(make, xs, ref)
-    w_dj, w_mn = warm_interleaved([dj, mn], (xs,), repeats)
-    print(f"{name} ({n} points, exact trace)")
-    print(stats_line("diffjax default", out_dj, ref, w_dj, c_dj))
-    print(stats_line(f"minimal diffrax, tol {tol:.0e}", out_mn, ref, w_mn, c_mn))
-    print(f"  ratio minimal / diffjax (warm): {w_mn / w_dj:.2f}")
-    results[name] = dict(diffjax_ms=w_dj * 1e3, minimal_ms=w_mn * 1e3, minimal_tol=tol)
+    title = f"{name} ({n} points, exact trace)"
+    out_mn = compare(title, name, v, path, exact_prior, make, xs, ref, repeats, results)
     nfe_t = int(np.max(out_mn[1])) * TSIT5_NFE
     changes = {"linear time τ": linear_time(path)}
     if math.isfinite(float(path.log_snr(t0))):
@@ -247,22 +256,12 @@ def bench_mlp(n, repeats, results):
     ref = mlp_reference(params, xs)
     v = lambda t, z: mlp(params, t, z)
 
-    def dj_one(x):
-        r = log_likelihood_with_stats(v, path, x)
-        return r.log_prob, r.num_steps
-
-    dj = jax.jit(jax.vmap(dj_one))
+    prior = path.prior.log_prob
     make = lambda tol: jax.jit(
-        jax.vmap(lambda x: minimal_log_likelihood(v, path.prior.log_prob, x, 0.0, 1.0, tol))
+        jax.vmap(lambda x: minimal_log_likelihood(v, prior, x, 0.0, 1.0, tol))
     )
-    c_dj, out_dj = cold(dj, xs)
-    tol, mn, out_mn, c_mn = tuned(make, xs, ref)
-    w_dj, w_mn = warm_interleaved([dj, mn], (xs,), repeats)
-    print(f"random MLP 64-D, linear path ({n} points, exact trace: 64 JVPs per evaluation)")
-    print(stats_line("diffjax default", out_dj, ref, w_dj, c_dj))
-    print(stats_line(f"minimal diffrax, tol {tol:.0e}", out_mn, ref, w_mn, c_mn))
-    print(f"  ratio minimal / diffjax (warm): {w_mn / w_dj:.2f}")
-    results["mlp64"] = dict(diffjax_ms=w_dj * 1e3, minimal_ms=w_mn * 1e3, minimal_tol=tol)
+    title = f"random MLP 64-D, linear path ({n} points, exact trace: 64 JVPs per evaluation)"
+    compare(title, "mlp64", v, path, prior, make, xs, ref, repeats, results)
     return params, xs, ref
 
 
