@@ -6,7 +6,8 @@ Submodules: ``paths`` (Gaussian paths), ``targets`` (parameterizations and exact
 (weighted objectives and presets), ``fields`` (model adapters, divergences), ``sampling`` (PF-ODE and reverse
 SDE), ``likelihood`` (exact log-likelihood, bits/dim), ``vlb`` (continuous-time ELBO), ``analytic``
 (Gaussian-mixture oracle), ``solve`` and ``grids`` (ODE solves and time grids), ``nn`` (flax models), ``data``,
-``train``, ``checkpoint``. ``nn``, ``data``, ``train`` and ``checkpoint`` are imported lazily, on first use
+``train``, ``checkpoint``, ``conditioning`` (conditional models, condition dropout) and ``guidance`` (classifier-free
+guidance and its variants). ``nn``, ``data``, ``train`` and ``checkpoint`` are imported lazily, on first use
 (``dj.train.fit`` or ``import diffjax.train``), so that ``import diffjax`` does not load flax, optax, orbax or
 scikit-learn; so are ``solve``, ``grids``, ``sampling`` and ``likelihood`` (with their names, e.g.
 ``dj.sample_ode``), so that training never loads diffrax. The application layer (experiment runs, metrics,
@@ -18,7 +19,9 @@ from typing import TYPE_CHECKING
 
 from . import (
     analytic as analytic,
+    conditioning as conditioning,
     fields as fields,
+    guidance as guidance,
     kinds as kinds,
     losses as losses,
     paths as paths,
@@ -27,6 +30,11 @@ from . import (
     vlb as vlb,
 )
 from .analytic import GaussianMixture as GaussianMixture
+from .conditioning import (
+    ClassDropout as ClassDropout,
+    ConditionDropout as ConditionDropout,
+    Conditioned as Conditioned,
+)
 from .fields import (
     AbstractField as AbstractField,
     AbstractTrace as AbstractTrace,
@@ -40,6 +48,14 @@ from .fields import (
     score_field as score_field,
     velocity_field as velocity_field,
 )
+from .guidance import (
+    APG as APG,
+    CFG as CFG,
+    AutoguidedModel as AutoguidedModel,
+    CFGModel as CFGModel,
+    LogSNRInterval as LogSNRInterval,
+    TimeInterval as TimeInterval,
+)
 from .kinds import (
     AbstractKind as AbstractKind,
     Data as Data,
@@ -52,6 +68,7 @@ from .losses import (
     ImpliedWeighting as ImpliedWeighting,
     Objective as Objective,
     batch_loss as batch_loss,
+    conditional_batch_loss as conditional_batch_loss,
     ddpm as ddpm,
     edm as edm,
     flow_matching as flow_matching,
@@ -154,6 +171,16 @@ def __dir__():
 
 __all__ = [
     "AbstractField",
+    "APG",
+    "AutoguidedModel",
+    "CFG",
+    "CFGModel",
+    "ClassDropout",
+    "ConditionDropout",
+    "Conditioned",
+    "conditional_batch_loss",
+    "LogSNRInterval",
+    "TimeInterval",
     "AbstractKind",
     "AbstractPath",
     "AbstractTrace",

@@ -32,7 +32,7 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 from .kinds import AbstractKind, Data, Eps, Score, Velocity, as_kind
 from .paths import AbstractPath, check_time
 
-__all__ = ["GaussianMixture", "MixtureModel"]
+__all__ = ["GaussianMixture", "MixtureModel", "ConditionalMixtureModel"]
 
 Scalar = Float[ArrayLike, ""]
 
@@ -238,6 +238,43 @@ class GaussianMixture(eqx.Module):
             raise ValueError(f"GaussianMixture.model: path must be a diffjax path, got {path!r}")
         return MixtureModel(self, as_kind(kind), path)
 
+    # --- classes ---------------------------------------------------------------------------------------
+    def _class_labels(self, labels):
+        k = self.log_weights.shape[0]
+        labels = jnp.arange(k, dtype=jnp.int32) if labels is None else jnp.asarray(labels)
+        if labels.shape != (k,) or not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise ValueError(
+                f"GaussianMixture: labels must be ({k},) integers (the class of each component), got "
+                f"{labels.shape} {labels.dtype}"
+            )
+        return labels
+
+    def conditional(self, c, labels=None) -> GaussianMixture:
+        """The class-conditional data distribution p(x | c): the components of class c with weights
+        π_k / Σ_{j: labels_j = c} π_j (the others get weight 0, log-weight −∞).
+
+        ``labels`` (K,) gives each component's class (default: class k is component k); c may be traced (the
+        result is a mixture of the same shapes, so everything closed form — ``marginal_log_prob``, ``score``,
+        ``velocity``, ``predict``, ``sample`` — is that of p_t(x | c)). A label with no component gives NaN.
+        """
+        labels = self._class_labels(labels)
+        masked = jnp.where(labels == c, self.log_weights, -jnp.inf)
+        return eqx.tree_at(lambda m: m.log_weights, self, masked - jax.nn.logsumexp(masked))
+
+    def conditional_model(
+        self, kind: str | AbstractKind, path: AbstractPath, labels=None
+    ) -> ConditionalMixtureModel:
+        """A perfect class-conditional model ``model(t, x, c)`` of ``kind`` on ``path``: c ∈ 0..C−1 gives the
+        exact prediction for p(x | c), c = C (the null label, C = number of classes) that for p(x) — the exact
+        pair of predictions classifier-free guidance combines. t = 0 is noise, t = 1 is data."""
+        if not isinstance(path, AbstractPath):
+            raise ValueError(
+                f"GaussianMixture.conditional_model: path must be a diffjax path, got {path!r}"
+            )
+        labels = self._class_labels(labels)
+        num_classes = int(jnp.max(labels)) + 1
+        return ConditionalMixtureModel(self, as_kind(kind), path, labels, num_classes)
+
 
 class MixtureModel(eqx.Module):
     """The exact model of ``kind`` for ``mixture`` data on ``path``: ``model(t, x) = mixture.predict(...)``.
@@ -253,6 +290,27 @@ class MixtureModel(eqx.Module):
 
     def __call__(self, t: Scalar, x: Float[Array, " D"]) -> Float[Array, " D"]:
         return self.mixture.predict(self.kind, self.path, t, x)
+
+
+class ConditionalMixtureModel(eqx.Module):
+    """The exact class-conditional model of ``kind``: ``model(t, x, c)`` predicts for p(x | c) (c ∈ 0..C−1) or,
+    at the null label c = C = ``num_classes``, for p(x). Built by :meth:`GaussianMixture.conditional_model`.
+    t = 0 is noise, t = 1 is data."""
+
+    mixture: GaussianMixture
+    kind: AbstractKind
+    path: AbstractPath
+    labels: Array
+    num_classes: int = eqx.field(static=True)
+
+    def __call__(self, t: Scalar, x: Float[Array, " D"], c) -> Float[Array, " D"]:
+        cond = self.mixture.conditional(c, self.labels)
+        mixture = eqx.tree_at(
+            lambda m: m.log_weights,
+            self.mixture,
+            jnp.where(c == self.num_classes, self.mixture.log_weights, cond.log_weights),
+        )
+        return mixture.predict(self.kind, self.path, t, x)
 
 
 def _boundary_time(t):

@@ -40,6 +40,8 @@ __all__ = [
     "sample_mixture",
     "toy_sample",
     "load_digits",
+    "load_digits_with_labels",
+    "DIGITS_CLASSES",
     "digits_to_model_space",
     "model_space_to_digits",
     "dequantization_log_volume",
@@ -192,6 +194,8 @@ def toy_sample(name: str, key: PRNGKeyArray, n: int) -> Float[Array, "n 2"]:
 
 DIGITS_LEVELS = 17
 """scikit-learn's digits have integer grey levels 0..16."""
+DIGITS_CLASSES = 10
+"""Number of digit classes (0..9) of :func:`load_digits_with_labels`."""
 DIGITS_TEST_SIZE = 300
 """Size of the fixed test split; the train split has the remaining 1797 − 300 = 1497 images."""
 
@@ -202,22 +206,32 @@ def load_digits(split: str = "train", seed: int = 0) -> Int[Array, "N 8 8 1"]:
     Returns int32 images of shape (N, 8, 8, 1) with values in 0..16 (``DIGITS_LEVELS`` = 17 grey levels).
     The split is fixed given ``seed``: the images are permuted by ``numpy.random.default_rng(seed)``; the first
     300 form ``"test"``, the other 1497 ``"train"`` (disjoint, in permuted order). ``"all"`` returns the 1797
-    images in the original order.
+    images in the original order. :func:`load_digits_with_labels` gives the same images with their classes.
     """
+    return load_digits_with_labels(split, seed)[0]
+
+
+def load_digits_with_labels(
+    split: str = "train", seed: int = 0
+) -> tuple[Int[Array, "N 8 8 1"], Int[Array, " N"]]:
+    """(images, labels): the images of :func:`load_digits` (same split, same order) and their digit classes
+    0..9 (int32), for class-conditional models (``DIGITS_CLASSES`` = 10)."""
     if split not in ("train", "test", "all"):
         raise ValueError(f"load_digits: split must be 'train', 'test' or 'all', got {split!r}")
     from sklearn.datasets import load_digits as _sk_load
 
-    images = np.asarray(_sk_load().images)
+    bunch = _sk_load()
+    images = np.asarray(bunch.images)
+    labels = np.asarray(bunch.target).astype(np.int32)
     k = np.rint(images).astype(np.int32)
     if not np.array_equal(k, images) or k.min() < 0 or k.max() >= DIGITS_LEVELS:
         raise RuntimeError("load_digits: scikit-learn's digits are not integers in 0..16")
     k = k[..., None]
     if split == "all":
-        return jnp.asarray(k)
+        return jnp.asarray(k), jnp.asarray(labels)
     perm = np.random.default_rng(seed).permutation(k.shape[0])
     idx = perm[:DIGITS_TEST_SIZE] if split == "test" else perm[DIGITS_TEST_SIZE:]
-    return jnp.asarray(k[idx])
+    return jnp.asarray(k[idx]), jnp.asarray(labels[idx])
 
 
 def dequantization_log_volume(num_levels: int = DIGITS_LEVELS) -> float:

@@ -56,8 +56,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtr, ndtri
-from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, PyTree
 
+from .conditioning import AbstractConditionDropout, Conditioned
 from .kinds import AbstractKind, as_kind
 from .paths import (
     AbstractPath,
@@ -71,6 +72,7 @@ from .paths import (
 from .targets import convert_at
 
 __all__ = [
+    "conditional_batch_loss",
     "AbstractTimeSampler",
     "Uniform",
     "LogitNormal",
@@ -770,10 +772,58 @@ def batch_loss(
     marginally π truncated to ``t_range`` and each loss carries Z, so the estimate stays unbiased with lower
     variance. Pure: no host callback, so a jitted training step stays cacheable.
     """
+    return _batch_loss(objective, lambda c: fn, xs, None, key, stratified)
+
+
+def conditional_batch_loss(
+    objective: Objective,
+    fn,
+    batch: tuple[Float[Array, " batch *shape"], PyTree],
+    key: PRNGKeyArray,
+    *,
+    dropout: AbstractConditionDropout,
+    stratified: bool = False,
+) -> Float[Array, ""]:
+    """:func:`batch_loss` of a conditional model ``fn(t, x, c)`` on ``batch = (xs, conds)`` with condition dropout.
+
+    Each example's condition c_i is replaced by the null condition ∅ with probability ``dropout.probability``
+    (drawn from ``fold_in(key, 1)``; the (t, ε) draws use the rest of ``key`` exactly as :func:`batch_loss` does),
+    so that one network learns p(x | c) and, at ∅, p(x) (Ho & Salimans 2022). The loss of example i is that of
+    :func:`loss` for the model ``(t, x) ↦ fn(t, x, c_i)`` (t = 0 noise, t = 1 data). ``conds`` is validated once
+    by ``dropout.check`` (for :class:`~diffjax.conditioning.ClassDropout`: integer labels in 0..K, K = ∅).
+    Pass to ``diffjax.train.fit`` as ``loss_fn=functools.partial(conditional_batch_loss, dropout=...)``.
+    """
+    if not isinstance(dropout, AbstractConditionDropout):
+        raise ValueError(
+            f"conditional_batch_loss: dropout must be a diffjax.conditioning ClassDropout or ConditionDropout, "
+            f"got {type(dropout).__name__}; pass dropout=ClassDropout(num_classes, 0.1) (probability 0 keeps "
+            "every condition)"
+        )
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise ValueError(
+            f"conditional_batch_loss: batch must be a pair (xs, conds), got {type(batch).__name__}"
+        )
+    xs, conds = batch
+    n = jnp.shape(xs)[0]
+    lead = {jnp.shape(c)[:1] for c in jax.tree.leaves(conds)}
+    if lead != {(n,)}:
+        raise ValueError(
+            f"conditional_batch_loss: every leaf of conds must have the batch size {n} as its first axis (one "
+            f"condition per example), got leading shapes {sorted(lead)}"
+        )
+    conds = dropout.check(conds)
+    conds = jax.vmap(dropout)(jax.random.split(jax.random.fold_in(key, 1), n), conds)
+    return _batch_loss(objective, lambda c: Conditioned(fn, c), xs, conds, key, stratified)
+
+
+def _batch_loss(objective, model_for, xs, conds, key, stratified):
+    """Mean per-example loss; example i uses the model ``model_for(conds_i)`` (``conds`` may be None)."""
     n = jnp.shape(xs)[0]
     if not stratified:
         keys = jax.random.split(key, n)
-        return jnp.mean(jax.vmap(lambda x, k: loss(objective, fn, x, k))(xs, keys))
+        return jnp.mean(
+            jax.vmap(lambda x, c, k: loss(objective, model_for(c), x, k))(xs, conds, keys)
+        )
     k_u, k_eps = jax.random.split(key)
     dtype = jnp.result_type(float)
     u0 = jax.random.uniform(k_u, (), dtype=dtype)
@@ -782,11 +832,11 @@ def batch_loss(
     cdf_range = objective._cdf_range()
     mass = cdf_range[3] - cdf_range[2]
 
-    def one(x, u, k):
+    def one(x, c, u, k):
         t = objective._time_at(cdf_range, u)
-        return _loss_at(objective, fn, x, t, _noise(k, x))
+        return _loss_at(objective, model_for(c), x, t, _noise(k, x))
 
-    return mass * jnp.mean(jax.vmap(one)(xs, us, eps_keys))
+    return mass * jnp.mean(jax.vmap(one)(xs, conds, us, eps_keys))
 
 
 def weighted_objective(

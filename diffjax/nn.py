@@ -100,6 +100,58 @@ def _lecun_init(module: nnx.Module, key, exclude: tuple[tuple, ...] = ()) -> Non
         start += size
 
 
+def _class_embedding(
+    num_classes: int | None, dim: int, rngs: nnx.Rngs, owner: str
+) -> nnx.Embed | None:
+    """K + 1 learned class embeddings of size ``dim`` (row K = ``num_classes`` is the null label ∅ of classifier-free
+    guidance), N(0, 1) at initialisation; None for an unconditional model."""
+    if num_classes is None:
+        return None
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(
+            f"{owner}: num_classes must be None or a positive int, got {num_classes!r}"
+        )
+    dt = _param_dtype()
+    embed = nnx.Embed(num_classes + 1, dim, embedding_init=_ZEROS, param_dtype=dt, rngs=rngs)
+    z = jax.random.normal(rngs.params(), ((num_classes + 1) * dim,), dt)
+    embed.embedding.set_value(z.reshape(num_classes + 1, dim))
+    return embed
+
+
+def _class_features(embed: nnx.Embed | None, num_classes, c, owner: str, dtype) -> Array | None:
+    """The embedding of one class label c (an integer scalar in 0..K, K = ∅), or None for an unconditional model.
+
+    Shape, dtype and (where c is concrete) range are checked here, at trace time; a traced out-of-range label gives
+    NaN features (``mode="fill"``) rather than a silent wrong class: the public entry points that take labels
+    (``conditional_batch_loss``, the CLI, ``check_class_labels``) check traced labels once, outside the solvers.
+    """
+    if embed is None:
+        if c is not None:
+            raise ValueError(
+                f"{owner} is unconditional (num_classes=None) but was called with a condition; build it with "
+                f"num_classes=K to train a class-conditional model"
+            )
+        return None
+    if c is None:
+        raise ValueError(
+            f"{owner}(num_classes={num_classes}) needs a class label: call model(t, x, c) with c in "
+            f"0..{num_classes - 1}, or c={num_classes} (the null label) for the unconditional model"
+        )
+    if jnp.shape(c) != ():
+        raise ValueError(
+            f"{owner}: the class label c must be one integer (models are per example; jax.vmap over labels), "
+            f"got shape {jnp.shape(c)}"
+        )
+    from .conditioning import check_class_labels  # noqa: PLC0415 (a small module; kept off nn's import line)
+
+    if not isinstance(c, jax.core.Tracer):
+        c = check_class_labels(c, num_classes, allow_null=True, name="c")
+    elif not jnp.issubdtype(c.dtype, jnp.integer):
+        raise ValueError(f"{owner}: the class label c must be an integer, got dtype {c.dtype}")
+    table = embed.embedding.get_value()
+    return jnp.take(table, c, axis=0, mode="fill", fill_value=jnp.nan).astype(dtype)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Time embedding
 # ----------------------------------------------------------------------------------------------------------
@@ -176,6 +228,9 @@ class MLP(nnx.Module):
         time_dim: size of the sinusoidal time embedding (even).
         time_scale: highest angular frequency of the time features (default 30: smooth in t, cheap to solve).
         zero_init_output: zero-initialise the last layer (default) instead of LeCun-normal.
+        num_classes: None (an unconditional ``model(t, x)``) or K: a class-conditional ``model(t, x, c)`` with
+            c ∈ 0..K−1, or c = K, the learned null label (classifier-free guidance). The class embedding (size
+            ``time_dim``, learned) is concatenated with e at every layer.
         rngs: ``nnx.Rngs`` for the initialisation.
     """
 
@@ -188,6 +243,7 @@ class MLP(nnx.Module):
         *,
         time_scale: float = SMOOTH_TIME_SCALE,
         zero_init_output: bool = True,
+        num_classes: int | None = None,
         rngs: nnx.Rngs,
     ):
         for name, v in (("dim", dim), ("hidden", hidden), ("depth", depth)):
@@ -195,11 +251,14 @@ class MLP(nnx.Module):
                 raise ValueError(f"MLP: {name} must be a positive integer, got {v!r}")
         dt = _param_dtype()
         self.dim = dim
+        self.num_classes = num_classes
         self.embed = SinusoidalEmbedding(time_dim, scale=time_scale, max_period=SMOOTH_MAX_PERIOD)
+        self.class_embed = _class_embedding(num_classes, time_dim, rngs, "MLP")
+        cond_dim = time_dim if num_classes is None else 2 * time_dim
         self.layers = nnx.List(
             [
                 nnx.Linear(
-                    (dim if i == 0 else hidden) + time_dim,
+                    (dim if i == 0 else hidden) + cond_dim,
                     hidden,
                     kernel_init=_ZEROS,
                     param_dtype=dt,
@@ -211,13 +270,16 @@ class MLP(nnx.Module):
         self.out = nnx.Linear(hidden, dim, kernel_init=_ZEROS, param_dtype=dt, rngs=rngs)
         _lecun_init(self, rngs.params(), exclude=(("out",),) if zero_init_output else ())
 
-    def __call__(self, t: Scalar, x: Float[Array, " dim"]) -> Float[Array, " dim"]:
+    def __call__(self, t: Scalar, x: Float[Array, " dim"], c=None) -> Float[Array, " dim"]:
         if x.shape != (self.dim,):
             raise ValueError(
                 f"MLP: x must have shape ({self.dim},) (one example; use jax.vmap for batches), "
                 f"got {x.shape}"
             )
         e = self.embed(t).astype(x.dtype)
+        ce = _class_features(self.class_embed, self.num_classes, c, "MLP", x.dtype)
+        if ce is not None:
+            e = jnp.concatenate([e, ce])
         h = x
         for layer in self.layers:
             h = jax.nn.silu(layer(jnp.concatenate([h, e])))
@@ -282,6 +344,9 @@ class UNet(nnx.Module):
         base: channels at the first level.
         mults: channel multipliers per resolution level.
         time_scale: highest angular frequency of the time features (see ``SMOOTH_TIME_SCALE``).
+        num_classes: None (an unconditional ``model(t, x)``) or K: a class-conditional ``model(t, x, c)`` with
+            c ∈ 0..K−1, or c = K, the learned null label (classifier-free guidance). A learned class embedding
+            of size 4·base is added to the time embedding (as in ADM, Dhariwal & Nichol 2021).
         rngs: ``nnx.Rngs`` for the initialisation.
     """
 
@@ -292,6 +357,7 @@ class UNet(nnx.Module):
         mults: Sequence[int] = (1, 2),
         *,
         time_scale: float = SMOOTH_TIME_SCALE,
+        num_classes: int | None = None,
         rngs: nnx.Rngs,
     ):
         if not isinstance(channels, int) or channels < 1:
@@ -310,6 +376,8 @@ class UNet(nnx.Module):
         self.embed = SinusoidalEmbedding(base, scale=time_scale, max_period=SMOOTH_MAX_PERIOD)
         self.t_lin1 = nnx.Linear(base, t_dim, kernel_init=_ZEROS, param_dtype=dt, rngs=rngs)
         self.t_lin2 = nnx.Linear(t_dim, t_dim, kernel_init=_ZEROS, param_dtype=dt, rngs=rngs)
+        self.num_classes = num_classes
+        self.class_embed = _class_embedding(num_classes, t_dim, rngs, "UNet")
         self.conv_in = nnx.Conv(
             channels, base, (3, 3), kernel_init=_ZEROS, param_dtype=dt, rngs=rngs
         )
@@ -357,7 +425,7 @@ class UNet(nnx.Module):
         )
         _lecun_init(self, rngs.params(), exclude=(("conv_out",),))
 
-    def __call__(self, t: Scalar, x: Float[Array, "H W C"]) -> Float[Array, "H W C"]:
+    def __call__(self, t: Scalar, x: Float[Array, "H W C"], c=None) -> Float[Array, "H W C"]:
         if x.ndim != 3 or x.shape[-1] != self.channels:
             raise ValueError(
                 f"UNet: x must have shape (H, W, {self.channels}) (one example; use jax.vmap for "
@@ -370,7 +438,9 @@ class UNet(nnx.Module):
                 f"{self.mults}, got x.shape={x.shape}"
             )
         temb = self.embed(t).astype(x.dtype)
-        temb = self.t_lin2(jax.nn.silu(self.t_lin1(temb)))[None]
+        temb = self.t_lin2(jax.nn.silu(self.t_lin1(temb)))
+        ce = _class_features(self.class_embed, self.num_classes, c, "UNet", x.dtype)
+        temb = (temb if ce is None else temb + ce)[None]
         h = self.conv_in(x[None])
         skips = []
         for block, ds in zip(self.down, self.downsample, strict=True):
@@ -405,9 +475,10 @@ class Apply(eqx.Module):
     graphdef: nnx.GraphDef = eqx.field(static=True)
     rest: nnx.State
 
-    def __call__(self, params: nnx.State, t: Scalar, x: Array) -> Array:
-        """The model's per-example output at time t (t = 0 noise, t = 1 data) and one example x."""
-        return nnx.merge(self.graphdef, params, self.rest)(t, x)
+    def __call__(self, params: nnx.State, t: Scalar, x: Array, *cond) -> Array:
+        """The model's per-example output at time t (t = 0 noise, t = 1 data), one example x and, for a
+        conditional model, its condition (``apply(params, t, x, c)``)."""
+        return nnx.merge(self.graphdef, params, self.rest)(t, x, *cond)
 
 
 def split(model: nnx.Module) -> tuple[Apply, nnx.State]:

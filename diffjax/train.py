@@ -388,7 +388,8 @@ def _step_fn(caller, apply, objective, optimizer, ema_decay, schedule, loss_fn, 
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
 
         def objective_loss(params):
-            return batch_loss(objective, lambda t, x: apply(params, t, x), batch, key)
+            # fn_θ(t, x, *cond): a conditional apply(params, t, x, c) gets the condition its loss passes
+            return batch_loss(objective, lambda t, x, *c: apply(params, t, x, *c), batch, key)
 
         loss, grads = jax.value_and_grad(objective_loss)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
