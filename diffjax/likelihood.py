@@ -318,6 +318,8 @@ def log_likelihood_with_stats(
 
     Args:
         velocity: per-example velocity u(t, x) (a :class:`~diffjax.VelocityField` of a model of any kind).
+            For log p(x | c) pass the field of ``diffjax.Conditioned(model, c)``; the field of a guided model
+            (``diffjax.CFGModel``) gives the density of the guided sampler's output, which is not p(x | c) for w ≠ 1.
         path: the Gaussian path; supplies the default interval, the prior at t = 0 and (α, σ) at t1.
         x: one example of any shape (use ``jax.vmap`` for batches).
         key: PRNG key for the Hutchinson probes (drawn once, fixed along the solve).

@@ -310,3 +310,19 @@ def test_networks_take_a_class_label():
     np.testing.assert_allclose(y, np.stack([outs[0], outs[3]]), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="must be one integer"):
         unet(0.5, jnp.ones((8, 8, 1)), jnp.array([1, 2]))
+
+
+def test_autoguidance_is_the_closed_form_with_a_weaker_guide(oracle):
+    """Autoguidance: main = the exact class-1 model, guide = a 'bad version' (the class-1 Gaussian with doubled
+    variances); the guided velocity is u_guide + w(u_main − u_guide), written out in numpy."""
+    gm, cm = oracle
+    weak = dj.GaussianMixture(W2, M2, 2 * V2).conditional_model("velocity", PATH)
+    g = dj.AutoguidedModel(cm, weak, "velocity", PATH, 2.5, cond=1)
+    u = dj.velocity_field(g, "velocity", PATH)
+    for t in (0.3, 0.7):
+        x = np.array([0.2, 0.1])
+        main = np_velocity(t, x, np.ones(1), M2[1:], V2[1:])
+        guide = np_velocity(t, x, np.ones(1), M2[1:], 2 * V2[1:])
+        np.testing.assert_allclose(
+            u(t, jnp.asarray(x)), guide + 2.5 * (main - guide), rtol=2e-4, atol=2e-4
+        )
