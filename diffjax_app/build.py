@@ -26,6 +26,8 @@ __all__ = [
     "build_model",
     "train_batch_fn",
     "held_out",
+    "held_out_labels",
+    "labelled_8gaussians",
     "data_std",
     "DATA_STD",
     "measured_data_std",
@@ -113,6 +115,7 @@ def _network(config: ExperimentConfig):
             base=config.unet_base,
             mults=config.unet_mults,
             time_scale=config.time_scale,
+            num_classes=config.num_classes,
             rngs=rngs,
         )
     return nn.MLP(
@@ -121,6 +124,7 @@ def _network(config: ExperimentConfig):
         depth=config.depth,
         time_dim=config.time_dim,
         time_scale=config.time_scale,
+        num_classes=config.num_classes,
         rngs=rngs,
     )
 
@@ -140,7 +144,8 @@ def build_model(config: ExperimentConfig):
     """``(apply, params, objective, path)`` for a config (resolved first if needed).
 
     ``apply(params, t, x)`` is the per-example prediction of kind ``objective.prediction`` (t = 0 noise, t = 1
-    data). For ``edm`` the raw network F is wrapped in EDM's preconditioning D = c_skip·x + c_out·F(c_noise, c_in·x)
+    data); a conditional config's (``num_classes`` K) is ``apply(params, t, x, c)``, c in 0..K−1 or K the null
+    label. For ``edm`` the raw network F is wrapped in EDM's preconditioning D = c_skip·x + c_out·F(c_noise, c_in·x)
     (``diffjax.nn.edm_precondition``), so the network sees unit-variance inputs and targets.
     """
     config = config.resolved() if config.sigma_data is None or config.path is None else config
@@ -151,14 +156,29 @@ def build_model(config: ExperimentConfig):
         return raw_apply, params, objective, path
     sd = float(config.sigma_data)
 
-    def apply(params, t, x):
-        return nn.edm_precondition(lambda c, z: raw_apply(params, c, z), path, sd)(t, x)
+    def apply(params, t, x, *cond):
+        return nn.edm_precondition(lambda s, z: raw_apply(params, s, z, *cond), path, sd)(t, x)
 
     return apply, params, objective, path
 
 
+def labelled_8gaussians(key, n: int):
+    """``(points, labels)``: the draw of ``diffjax.data.sample_8gaussians(key, n)`` (the same points) and the index
+    0..7 of each point's centre, its class."""
+    k_c, k_noise = jax.random.split(key)
+    dt = jnp.result_type(float)
+    idx = jax.random.randint(k_c, (n,), 0, 8)
+    x = data_lib.eight_gaussians_centers(dt)[
+        idx
+    ] + data_lib.EIGHT_GAUSSIANS_STD * jax.random.normal(k_noise, (n, 2), dt)
+    return x, idx.astype(jnp.int32)
+
+
 def train_batch_fn(config: ExperimentConfig) -> Callable[[int], jax.Array]:
     """``batch_fn(step)``, deterministic in the step (so resumed runs see the same data).
+
+    A conditional config's batches are ``(xs, labels)``: for 8gaussians the same points as an unconditional
+    run's with their centres' indices, for digits shuffled (image, label) pairs.
 
     Toy data: a fresh batch ``toy_sample(data, fold_in(key(seed), step), batch_size)`` per step (an endless
     stream; the held-out set uses other keys). Digits: shuffled epochs of the 1497 training images
@@ -167,6 +187,8 @@ def train_batch_fn(config: ExperimentConfig) -> Callable[[int], jax.Array]:
     # each step's batch is one jitted program, fold_in of the step included (one dispatch per step, one program
     # to load on a warm start); the keys are arguments, not constants, so every seed shares the program
     base = jax.random.key(config.seed)
+    if config.conditional:
+        return _labelled_batch_fn(config, base)
     if config.is_image:
         images = np.asarray(data_lib.load_digits("train"))
         ints = train.dataset_batch_fn(images, config.batch_size, jax.random.fold_in(base, 1))
@@ -179,6 +201,40 @@ def train_batch_fn(config: ExperimentConfig) -> Callable[[int], jax.Array]:
     sample = jax.jit(lambda key, s: data_lib.toy_sample(name, jax.random.fold_in(key, s), bs))
     k_data = jax.random.fold_in(base, 3)
     return lambda s: sample(k_data, s)
+
+
+def _labelled_batch_fn(config: ExperimentConfig, base) -> Callable[[int], tuple]:
+    if config.is_image:
+        images, labels = data_lib.load_digits_with_labels("train")
+        pairs = train.dataset_batch_fn(
+            (np.asarray(images), np.asarray(labels)), config.batch_size, jax.random.fold_in(base, 1)
+        )
+        dequant = jax.jit(
+            lambda k, key, s: data_lib.digits_to_model_space(k, jax.random.fold_in(key, s))
+        )
+        k_deq = jax.random.fold_in(base, 2)
+
+        def batch(s):
+            ks, cs = pairs(s)
+            return dequant(ks, k_deq, s), cs
+
+        return batch
+    bs = config.batch_size
+    sample = jax.jit(lambda key, s: labelled_8gaussians(jax.random.fold_in(key, s), bs))
+    k_data = jax.random.fold_in(base, 3)
+    return lambda s: sample(k_data, s)
+
+
+def held_out_labels(data: str, n: int | None = None, *, reference: bool = False) -> np.ndarray:
+    """The class labels of :func:`held_out`'s examples (same arguments; data sets with classes only)."""
+    if data == "digits":
+        c = np.asarray(data_lib.load_digits_with_labels("train" if reference else "test")[1])
+        return c if n is None else c[:n]
+    if data != "8gaussians":
+        raise ValueError(f"held_out_labels: data set {data!r} has no class labels")
+    n = 1000 if n is None else n
+    key = jax.random.key(_REFERENCE_KEY if reference else _TEST_KEY)
+    return np.asarray(labelled_8gaussians(key, n)[1])
 
 
 def held_out(data: str, n: int | None = None, *, reference: bool = False):

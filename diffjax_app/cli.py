@@ -38,7 +38,7 @@ import sys  # noqa: E402
 import warnings  # noqa: E402
 
 from . import cache as cache_lib, startup  # noqa: E402
-from .config import DATASETS, DEFAULT_PATH, OBJECTIVES, PATHS  # noqa: E402
+from .config import DATA_CLASSES, DATASETS, DEFAULT_PATH, OBJECTIVES, PATHS  # noqa: E402
 from .errors import RunError, describe_os_error, notice, quiet_dependency_logs  # noqa: E402
 
 __all__ = ["main", "build_parser"]
@@ -93,6 +93,8 @@ _positive_int = _number(int, "a positive integer", lambda v: v >= 1)
 _nonneg_int = _number(int, "an integer >= 0", lambda v: v >= 0)
 _positive_float = _number(float, "a positive number", lambda v: v > 0 and math.isfinite(v))
 _decay = _number(float, "a number in [0, 1)", lambda v: 0 <= v < 1)
+_probability = _number(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+_finite_float = _number(float, "a finite number", math.isfinite)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -149,6 +151,19 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         "small models; a dispatch never crosses a log point or checkpoint)",
     )
     p.add_argument("--no-figures", action="store_true", help="do not write PNG figures")
+    p.add_argument(
+        "--conditional",
+        action="store_true",
+        help=f"train a class-conditional model (data sets with classes: {', '.join(DATA_CLASSES)}); "
+        "sample it with --class and --guidance",
+    )
+    p.add_argument(
+        "--cond-dropout",
+        type=_probability,
+        default=None,
+        help="with --conditional: probability of replacing a label by the null label (classifier-free "
+        "guidance; default 0.1)",
+    )
 
 
 def _add_eval_flags(p: argparse.ArgumentParser) -> None:
@@ -211,6 +226,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="a trained run's directory")
     p.add_argument("--n", type=_positive_int, default=1000, help="samples to draw")
     p.add_argument("--no-figures", action="store_true", help="do not write PNG figures")
+    p.add_argument(
+        "--class",
+        dest="cls",
+        type=_nonneg_int,
+        default=None,
+        metavar="C",
+        help="conditional runs: draw samples of class C in 0..K-1 (default: all classes evenly, sample i of "
+        "class i mod K)",
+    )
+    p.add_argument(
+        "--guidance",
+        type=_finite_float,
+        default=None,
+        metavar="W",
+        help="conditional runs: classifier-free guidance weight (1 = the conditional model, 0 = the "
+        "unconditional one, > 1 sharper; default 1)",
+    )
     _add_eval_flags(p)
     _add_common(p)
 
@@ -260,14 +292,14 @@ def _emit(result: dict) -> None:
 
 _SUMMARY_KEYS = {
     "train": (
-        "data", "objective", "path", "start_step", "step", "steps_run", "final_loss", "train_wall_s",
+        "data", "objective", "path", "num_classes", "cond_dropout", "start_step", "step", "steps_run", "final_loss", "train_wall_s",
         "steps_per_s", "time_to_first_step_s", "num_params",
     ),
     "sample": (
-        "n", "step", "nfe_mean", "sample_wall_s", "figures", "warnings",
+        "n", "step", "class", "guidance", "nfe_mean", "sample_wall_s", "figures", "warnings",
     ),  # and diffjax_app.metrics' DISTANCE_KEYS and HEADLINE_KEYS (imported once a sample has run)
     "likelihood": (
-        "data", "trained_on", "n", "step", "nll", "nll_se", "true_nll", "bits_per_dim", "bits_per_dim_se",
+        "data", "trained_on", "condition", "n", "step", "nll", "nll_se", "true_nll", "bits_per_dim", "bits_per_dim_se",
         "likelihood_wall_s", "warnings",
     ),
 }  # fmt: skip
@@ -285,6 +317,13 @@ def _summary(command: str, r: dict, workdir: str) -> dict:
 def _config_from_args(args):
     from .config import ExperimentConfig  # noqa: PLC0415
 
+    if args.conditional and args.data not in DATA_CLASSES:
+        raise RunError(
+            f"--conditional needs a data set with classes; --data {args.data} has none (data sets with "
+            f"classes: {', '.join(DATA_CLASSES)})"
+        )
+    if args.cond_dropout is not None and not args.conditional:
+        raise RunError("--cond-dropout applies to conditional runs only: add --conditional")
     return ExperimentConfig(
         data=args.data,
         objective=args.objective,
@@ -298,6 +337,8 @@ def _config_from_args(args):
         hidden=args.hidden,
         depth=args.depth,
         unet_base=args.unet_base,
+        num_classes=DATA_CLASSES[args.data] if args.conditional else None,
+        cond_dropout=args.cond_dropout,
     )
 
 
@@ -329,6 +370,8 @@ def _run(args, t_start: float) -> dict:
             num_steps=args.num_steps,
             progress=progress,
             figures=not args.no_figures,
+            cls=args.cls,
+            guidance=args.guidance,
         )
         return _summary("sample", r, workdir)
     if args.command == "likelihood":

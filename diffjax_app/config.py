@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_PATH",
     "TOY_DATASETS",
     "DIGITS_TRAIN_SIZE",
+    "DATA_CLASSES",
     "ExperimentConfig",
     "unknown_name",
 ]
@@ -51,6 +52,9 @@ DEFAULT_PATH: dict[str, str] = {
 }
 #: scikit-learn's digits split by ``diffjax.data.load_digits``: 1497 training, 300 test images.
 DIGITS_TRAIN_SIZE = 1497
+#: The data sets with class labels and their number of classes (``diffjax.data.DIGITS_CLASSES``; the 8 centres of
+#: 8gaussians): the ones a class-conditional run (``num_classes``) may train on.
+DATA_CLASSES: dict[str, int] = {"8gaussians": 8, "digits": 10}
 #: ``diffjax.nn.SMOOTH_TIME_SCALE`` (checked by the tests): the models' highest time frequency.
 _SMOOTH_TIME_SCALE = 30.0
 
@@ -87,6 +91,10 @@ class ExperimentConfig:
         time_scale: highest angular frequency of both models' time features (``diffjax.nn.SMOOTH_TIME_SCALE``).
             Stored with the run, so a checkpoint trained with other time features is refused, not resumed.
         sigma_data: σ_d of EDM's preconditioning and loss weight; None → the data's standard deviation.
+        num_classes: None (an unconditional model) or the data's number of classes (:data:`DATA_CLASSES`): a
+            class-conditional network ``model(t, x, c)`` with the learned null label c = ``num_classes``.
+        cond_dropout: the probability that a training example's label is replaced by the null label (classifier-
+            free guidance; ``diffjax.ClassDropout``); None for unconditional runs, default 0.1 for conditional ones.
     """
 
     data: str = "checkerboard"
@@ -106,6 +114,8 @@ class ExperimentConfig:
     unet_mults: tuple[int, ...] = (1, 2)
     time_scale: float = _SMOOTH_TIME_SCALE
     sigma_data: float | None = None
+    num_classes: int | None = None
+    cond_dropout: float | None = None
 
     def __post_init__(self):
         check_name("data set", self.data, DATASETS)
@@ -125,11 +135,39 @@ class ExperimentConfig:
         object.__setattr__(self, "time_scale", float(self.time_scale))
         if self.time_dim % 2:
             raise ValueError(f"ExperimentConfig: time_dim={self.time_dim} must be even")
+        self._check_conditioning()
         if self.data == "digits" and self.batch_size > DIGITS_TRAIN_SIZE:
             raise ValueError(
                 f"ExperimentConfig: batch_size={self.batch_size} exceeds the {DIGITS_TRAIN_SIZE} training "
                 "digits; pass a smaller --batch-size"
             )
+
+    def _check_conditioning(self) -> None:
+        if self.num_classes is None:
+            if self.cond_dropout is not None:
+                raise ValueError(
+                    f"ExperimentConfig: cond_dropout={self.cond_dropout!r} needs a conditional run "
+                    "(num_classes; --conditional)"
+                )
+            return
+        if self.data not in DATA_CLASSES:
+            raise ValueError(
+                f"data set {self.data!r} has no classes to condition on; the data sets with classes are: "
+                f"{', '.join(DATA_CLASSES)}"
+            )
+        if self.num_classes != DATA_CLASSES[self.data]:
+            raise ValueError(
+                f"ExperimentConfig: num_classes={self.num_classes!r} but {self.data!r} has "
+                f"{DATA_CLASSES[self.data]} classes"
+            )
+        p = 0.1 if self.cond_dropout is None else self.cond_dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise ValueError(f"ExperimentConfig: cond_dropout={p!r} must be a number in [0, 1]")
+        object.__setattr__(self, "cond_dropout", float(p))
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes is not None
 
     @property
     def path_name(self) -> str:
@@ -196,6 +234,8 @@ class ExperimentConfig:
         ``total_steps`` differ). The ``warmup_steps`` of ``TrainConfig`` is clamped to ``steps − 1``, so it is
         overridden by the unclamped ``warmup`` for the same reason.
         """
-        d = {f"exp_{k}": v for k, v in self.to_dict().items() if k != "steps"}
+        # unconditional runs leave the conditioning keys out, so checkpoints written before they existed resume
+        skip = {"steps"} | (set() if self.conditional else {"num_classes", "cond_dropout"})
+        d = {f"exp_{k}": v for k, v in self.to_dict().items() if k not in skip}
         d["warmup_steps"] = self.warmup
         return d

@@ -11,11 +11,11 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from diffjax import data as data_lib, solve
+from diffjax import conditioning, data as data_lib, solve
 from diffjax.fields import integration_interval, velocity_field
 from diffjax.likelihood import DEFAULT_ATOL, DEFAULT_RTOL, log_likelihood_with_stats
 
-from .build import held_out
+from .build import held_out, held_out_labels
 from .config import DATASETS, check_name
 from .errors import NonFiniteError, RunError, notice
 from .progress import first_rows, run_chunks
@@ -44,21 +44,26 @@ def _evaluator(run, ll_kwargs: dict):
     convention of ``diffjax.likelihood.bits_per_dim(num_levels=17)``), so that every solve's status is checked."""
     kind, path = run.objective.prediction, run.path
 
-    def point(params, x):
-        u = velocity_field(eqx.Partial(run.apply, params), kind, path)
+    def point(params, x, c):
+        net = eqx.Partial(run.apply, params)
+        if run.config.conditional:  # log p(x | c); c = num_classes: the unconditional model
+            net = conditioning.Conditioned(net, c)
+        u = velocity_field(net, kind, path)
         return log_likelihood_with_stats(u, path, x, **ll_kwargs)
 
     if run.config.is_image:
         dequant = lambda k, key: data_lib.digits_to_model_space(k, key)
         return jax.jit(
-            lambda params, ks, keys: jax.vmap(lambda k, key: point(params, dequant(k, key)))(
-                ks, keys
-            )
+            lambda params, ks, keys, cs: jax.vmap(
+                lambda k, key, c: point(params, dequant(k, key), c)
+            )(ks, keys, cs)
         )
-    return jax.jit(lambda params, xb, keys: jax.vmap(lambda x: point(params, x))(xb))
+    return jax.jit(
+        lambda params, xb, keys, cs: jax.vmap(lambda x, c: point(params, x, c))(xb, cs)
+    )
 
 
-def _evaluate(eval_chunk, run, xs, keys, chunk: int, progress: bool):
+def _evaluate(eval_chunk, run, xs, keys, classes, chunk: int, progress: bool):
     """log p (nats, of the dequantized point for digits) and NFE per example; each solve's status is checked
     on the host, so a failure is reported with its cause (NaN input, NaN field at a time, max_steps)."""
 
@@ -68,14 +73,22 @@ def _evaluate(eval_chunk, run, xs, keys, chunk: int, progress: bool):
         )
         return first_rows(out.log_prob, m), first_rows(out.nfe, m)
 
-    fn = lambda xb, kb: eval_chunk(run.ema_params, xb, kb)
-    outs, _ = run_chunks(fn, (xs, keys), chunk, "likelihood", progress, check)
+    fn = lambda xb, kb, cb: eval_chunk(run.ema_params, xb, kb, cb)
+    outs, _ = run_chunks(fn, (xs, keys, classes), chunk, "likelihood", progress, check)
     v = np.concatenate([o for o, _ in outs]).astype(np.float64)
     if not np.all(np.isfinite(v)):
         raise NonFiniteError(
             "the log-likelihoods contain NaN/inf: an ODE solve failed (raise max_steps or loosen --rtol/--atol)"
         )
     return v, np.concatenate([n for _, n in outs])
+
+
+def _true_conditional_nll(xs, classes) -> float:
+    """Mean −log p(x | c) of 8gaussians points under their own centre: N(x; centre_c, s² I), s = 0.25."""
+    x = np.asarray(xs, np.float64)
+    mu = np.asarray(data_lib.eight_gaussians_centers(), np.float64)[np.asarray(classes)]
+    s2 = data_lib.EIGHT_GAUSSIANS_STD**2
+    return float(np.mean(np.sum((x - mu) ** 2, -1) / (2 * s2) + np.log(2 * np.pi * s2)))
 
 
 def _bits_per_dim(log_p: np.ndarray, shape) -> np.ndarray:
@@ -106,6 +119,10 @@ def run_likelihood(
     t1 = 1 − 1e-3, see :func:`diffjax.fields.integration_interval`) give the density of the slightly perturbed data
     (no endpoint correction). Evaluating another data set than the run's is reported in one line. Writes the
     ``likelihood`` section of ``metrics.json`` (on a read-only workdir: returned with one-line ``warnings``).
+
+    A class-conditional run gives the conditional log p(x | c) with each held-out example's own label
+    (``condition`` = "labels"); on another data set than the run's, which has no labels for it, the
+    unconditional model (the null label; ``condition`` = "null").
     """
     from .metrics import true_nll  # noqa: PLC0415
 
@@ -121,10 +138,17 @@ def run_likelihood(
         throw=False,
     )
     xs = held_out(data, n)
+    condition = None
+    classes = np.zeros(len(xs), np.int32)
+    if run.config.conditional:
+        if data == run.config.data:
+            condition, classes = "labels", np.asarray(held_out_labels(data, n), np.int32)
+        else:
+            condition, classes = "null", np.full(len(xs), run.config.num_classes, np.int32)
     chunk = min(chunk or (50 if run.config.is_image else 500), len(xs))
     keys = jax.random.split(jax.random.key(seed), len(xs))
     tic = time.perf_counter()
-    v, nfe = _evaluate(_evaluator(run, ll_kwargs), run, xs, keys, chunk, progress)
+    v, nfe = _evaluate(_evaluator(run, ll_kwargs), run, xs, keys, classes, chunk, progress)
     wall = time.perf_counter() - tic
     if run.config.is_image:
         v = _bits_per_dim(v, run.config.shape)
@@ -136,6 +160,7 @@ def run_likelihood(
         "path": run.config.path_name,
         "step": run.step,
         "n": int(len(xs)),
+        **({"condition": condition} if condition else {}),
         "trace": "exact",
         "solver": "tsit5 (adaptive)" if num_steps is None else f"tsit5, {num_steps} fixed steps",
         "rtol": rtol,
@@ -155,7 +180,9 @@ def run_likelihood(
             nll=float(np.mean(-v)),
             nll_se=se,
             nfe_mean=float(np.mean(nfe)),
-            true_nll=true_nll(data, xs),
+            true_nll=(
+                _true_conditional_nll(xs, classes) if condition == "labels" else true_nll(data, xs)
+            ),
         )
     warnings: list[str] = []
     try_write(lambda: update_metrics(workdir, "likelihood", result), "metrics.json", warnings)

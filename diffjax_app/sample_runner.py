@@ -12,12 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax import data as data_lib, solve
+from diffjax import conditioning, data as data_lib, guidance as guidance_lib, solve
 from diffjax.fields import integration_interval, velocity_field
 from diffjax.sampling import sample_ode
 
-from .build import held_out
-from .errors import NonFiniteError
+from .build import held_out, held_out_labels
+from .config import DATA_CLASSES
+from .errors import NonFiniteError, RunError
 from .progress import first_rows, run_chunks
 from .workdir import restore, try_write, update_metrics
 
@@ -36,19 +37,62 @@ def reference_sets(config, n: int):
     )
 
 
+def class_reference_sets(config, n: int, cls: int):
+    """:func:`reference_sets` restricted to the examples of class ``cls`` (data sets with classes)."""
+    ref_x, floor_x = reference_sets(config, n)
+    keep = held_out_labels(config.data, len(ref_x)) == cls
+    keep_floor = held_out_labels(config.data, len(floor_x), reference=True) == cls
+    return ref_x[keep], floor_x[keep_floor]
+
+
+def _check_condition(run, cls, guidance, workdir) -> tuple[int | None, float]:
+    """``(class, guidance weight)`` of a sample run: refused on an unconditional run, checked on a conditional one."""
+    k = run.config.num_classes
+    if k is None:
+        if cls is not None or guidance is not None:
+            flag = "--class" if cls is not None else "--guidance"
+            raise RunError(
+                f"{flag} needs a class-conditional run, but {workdir} is unconditional (train one with "
+                f"--conditional on {' or '.join(DATA_CLASSES)})"
+            )
+        return None, 1.0
+    if cls is not None and not 0 <= cls < k:
+        raise RunError(
+            f"--class {cls} is out of range: the run {workdir} has {k} classes, valid classes are 0..{k - 1}"
+        )
+    w = 1.0 if guidance is None else float(guidance)
+    if not np.isfinite(w):
+        raise RunError(f"--guidance {guidance!r} must be a finite number")
+    return cls, w
+
+
 def _sampler(run, kw: dict, save_ts):
-    @functools.partial(jax.jit, static_argnums=2)
-    def sample_chunk(params, keys, with_trajectory=False):
+    kind, path, k = run.objective.prediction, run.path, run.config.num_classes
+
+    def model(params, c, w):
+        net = eqx.Partial(run.apply, params)
+        if k is None:
+            return net
+        if w is None:  # guidance weight 1: the conditional model itself (one network call per step)
+            return conditioning.Conditioned(net, c)
+        return guidance_lib.CFGModel(net, kind, path, cond=c, null=k, guidance=guidance_lib.CFG(w))
+
+    @functools.partial(jax.jit, static_argnums=(4, 5))
+    def sample_chunk(params, keys, classes, w, with_trajectory=False, guided=False):
         # diffrax checks SaveAt(ts) with a host callback, which keeps a program out of the persistent
         # cache: the samples come from a program without it, the plotted trajectories from a second one
-        u = velocity_field(eqx.Partial(run.apply, params), run.objective.prediction, run.path)
         extra = dict(save_ts=save_ts) if with_trajectory else {}
-        return jax.vmap(lambda k: sample_ode(u, run.path, k, **kw, **extra))(keys)
+
+        def one(key, c):
+            u = velocity_field(model(params, c, w if guided else None), kind, path)
+            return sample_ode(u, path, key, **kw, **extra)
+
+        return jax.vmap(one)(keys, classes)
 
     return sample_chunk
 
 
-def _draw(sample_chunk, ema, keys, chunk: int, progress: bool):
+def _draw(sample_chunk, ema, keys, chunk: int, progress: bool, classes=None, w=1.0, guided=False):
     def check(r, m):
         solve.raise_if_failed(
             first_rows(r.status, m), dict(r.messages), t_fail=first_rows(r.t_fail, m)
@@ -56,8 +100,15 @@ def _draw(sample_chunk, ema, keys, chunk: int, progress: bool):
         return first_rows(r.samples, m), first_rows(r.nfe, m)
 
     tic = time.perf_counter()
+    classes = np.zeros(len(keys), np.int32) if classes is None else classes
+    w = jnp.asarray(w, jnp.result_type(float))
     outs, first = run_chunks(
-        lambda k: sample_chunk(ema, k), (keys,), chunk, "sample", progress, check
+        lambda k, c: sample_chunk(ema, k, c, w, False, guided),
+        (keys, classes),
+        chunk,
+        "sample",
+        progress,
+        check,
     )
     wall = time.perf_counter() - tic
     samples = np.concatenate([s for s, _ in outs])
@@ -94,6 +145,8 @@ def run_sample(
     num_trajectories: int = 300,
     progress: bool = True,
     figures: bool = True,
+    cls: int | None = None,
+    guidance: float | None = None,
 ) -> dict:
     """Draw ``n`` samples with the EMA parameters by the probability-flow ODE (noise t0 → data t1).
 
@@ -102,6 +155,12 @@ def run_sample(
     ``num_steps`` a fixed Heun grid instead. Sample quality: ``diffjax_app.metrics.sample_quality`` against
     held-out data. Writes ``samples.npy``, ``samples.png``, ``trajectories.png`` and the ``sample`` section of
     ``metrics.json``; on a read-only workdir the result is returned with one-line ``warnings`` instead.
+
+    A class-conditional run (``num_classes`` K) draws class ``cls`` (0..K−1; None: all classes evenly, sample i
+    of class i mod K) with classifier-free guidance weight ``guidance`` (``diffjax.CFGModel`` with ``CFG(w)``,
+    null label K; None or 1: the conditional model, 0: the unconditional one). The sample quality of one class is
+    measured against that class's held-out examples, without the density-based metrics of the whole data set.
+    ``cls`` or ``guidance`` on an unconditional run raise ``RunError``.
     """
     from .metrics import sample_quality  # noqa: PLC0415
 
@@ -110,6 +169,14 @@ def run_sample(
     rtol, atol = (1e-5 if v is None else v for v in (rtol, atol))
     run = restore(workdir)
     workdir = os.path.abspath(os.fspath(workdir))
+    cls, w = _check_condition(run, cls, guidance, workdir)
+    guided = run.config.conditional and w != 1.0
+    if not run.config.conditional:
+        classes = np.zeros(n, np.int32)
+    elif cls is None:
+        classes = (np.arange(n) % run.config.num_classes).astype(np.int32)
+    else:
+        classes = np.full(n, cls, np.int32)
     t0, t1 = (float(v) for v in integration_interval(run.path, run.objective.prediction))
     chunk = min(chunk or (64 if run.config.is_image else 500), n)
     save_ts = jnp.linspace(t0, t1, 21)
@@ -118,20 +185,38 @@ def run_sample(
     )
     sample_chunk = _sampler(run, kw, save_ts)
     keys = jax.random.split(jax.random.key(seed), n)
-    samples, nfe, wall, first = _draw(sample_chunk, run.ema_params, keys, chunk, progress)
+    samples, nfe, wall, first = _draw(
+        sample_chunk, run.ema_params, keys, chunk, progress, classes, w, guided
+    )
     warnings: list[str] = []
     try_write(
         lambda: np.save(os.path.join(workdir, "samples.npy"), samples), "samples.npy", warnings
     )
-    ref_x, floor_x = reference_sets(run.config, n)
+    if cls is None:
+        ref_x, floor_x = reference_sets(run.config, n)
+        data_name = run.config.data
+    else:  # one class: against that class's held-out examples (the data set's density is another's)
+        ref_x, floor_x = class_reference_sets(run.config, max(n, 1000), cls)
+        data_name = None
     quality = sample_quality(
-        samples, ref_x, floor_x, data_name=run.config.data, key=jax.random.key(seed + 1)
+        samples, ref_x, floor_x, data_name=data_name, key=jax.random.key(seed + 1)
     )
     result = {
         "data": run.config.data,
         "objective": run.config.objective,
         "step": run.step,
         "n": n,
+        **(
+            {
+                "class": cls,
+                "classes": "all, evenly (sample i of class i mod K)" if cls is None else [cls],
+                "num_classes": run.config.num_classes,
+                "guidance": w,
+                "quality_against": "all held-out data" if cls is None else f"held-out class {cls}",
+            }
+            if run.config.conditional
+            else {}
+        ),
         "solver": "tsit5 (adaptive)" if num_steps is None else f"heun, {num_steps} steps",
         "rtol": rtol,
         "atol": atol,
@@ -143,7 +228,10 @@ def run_sample(
         **quality,
     }
     if figures:
-        traj = np.asarray(sample_chunk(run.ema_params, keys[:num_trajectories], True).trajectory)
+        m = min(num_trajectories, n)
+        wt = jnp.asarray(w, jnp.result_type(float))
+        traj = sample_chunk(run.ema_params, keys[:m], classes[:m], wt, True, guided).trajectory
+        traj = np.asarray(traj)
         result["figures"] = _figures(run, samples, ref_x, traj, save_ts, workdir, warnings)
     try_write(lambda: update_metrics(workdir, "sample", result), "metrics.json", warnings)
     result["warnings"] = warnings

@@ -9,13 +9,14 @@ current step (``diffjax.train.TrainingInterrupted``); a state that turns NaN is 
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
 import jax
 import numpy as np
 
-from diffjax import checkpoint as ckpt, train
+from diffjax import checkpoint as ckpt, conditioning, losses, train
 
 from .build import build_model, train_batch_fn
 from .config import ExperimentConfig
@@ -96,6 +97,8 @@ def _result(config, objective, params, state, history, start_step, wall, first) 
         "objective": config.objective,
         "path": config.path_name,
         "prediction": objective.prediction.name,
+        "num_classes": config.num_classes,
+        "cond_dropout": config.cond_dropout,
         "start_step": start_step,
         "step": step,
         "steps_run": ran,
@@ -148,6 +151,12 @@ def run_train(
                 start_step, config.steps, steps_per_dispatch, log_every, checkpoint_every
             )
         batch_fn, first = _first_step_timer(train_batch_fn(config), t_start, n1)
+        loss_fn = None
+        if (
+            config.conditional
+        ):  # (xs, labels) batches; labels dropped to the null label with cond_dropout
+            dropout = conditioning.ClassDropout(config.num_classes, config.cond_dropout)
+            loss_fn = functools.partial(losses.conditional_batch_loss, dropout=dropout)
         t0 = time.perf_counter()
         state, history = train.fit(
             apply,
@@ -160,6 +169,7 @@ def run_train(
             log_every=log_every,
             steps_per_dispatch=steps_per_dispatch,
             progress=progress,
+            loss_fn=loss_fn,
             extra_config=config.guarded_config(),
         )
         jax.block_until_ready(state.params)
