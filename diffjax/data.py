@@ -41,6 +41,7 @@ __all__ = [
     "toy_sample",
     "load_digits",
     "load_digits_with_labels",
+    "sample_8gaussians_with_labels",
     "DIGITS_CLASSES",
     "digits_to_model_space",
     "model_space_to_digits",
@@ -116,13 +117,22 @@ def eight_gaussians_centers(dtype=None) -> Float[Array, "8 2"]:
 
 def sample_8gaussians(key: PRNGKeyArray, n: int) -> Float[Array, "n 2"]:
     """Equal mixture of 8 Gaussians N(c_k, s² I) with centres c_k on a circle of radius 2 and s = 0.25."""
+    return sample_8gaussians_with_labels(key, n)[0]
+
+
+def sample_8gaussians_with_labels(
+    key: PRNGKeyArray, n: int
+) -> tuple[Float[Array, "n 2"], Int[Array, " n"]]:
+    """(points, labels): the draw of :func:`sample_8gaussians` (the same points for the same key) and the index
+    k ∈ 0..7 (int32) of the centre c_k each point was drawn around, its class."""
     n = _check_n(n)
     k_c, k_noise = jax.random.split(key)
     dt = _dtype()
     idx = jax.random.randint(k_c, (n,), 0, 8)
-    return eight_gaussians_centers(dt)[idx] + EIGHT_GAUSSIANS_STD * jax.random.normal(
+    x = eight_gaussians_centers(dt)[idx] + EIGHT_GAUSSIANS_STD * jax.random.normal(
         k_noise, (n, 2), dt
     )
+    return x, idx.astype(jnp.int32)
 
 
 SPIRALS_NOISE = 0.1

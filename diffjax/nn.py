@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, ArrayLike, Float
 
+from .conditioning import check_class_labels
 from .paths import AbstractPath
 
 __all__ = [
@@ -142,8 +143,6 @@ def _class_features(embed: nnx.Embed | None, num_classes, c, owner: str, dtype) 
             f"{owner}: the class label c must be one integer (models are per example; jax.vmap over labels), "
             f"got shape {jnp.shape(c)}"
         )
-    from .conditioning import check_class_labels  # noqa: PLC0415 (a small module; kept off nn's import line)
-
     if not isinstance(c, jax.core.Tracer):
         c = check_class_labels(c, num_classes, allow_null=True, name="c")
     elif not jnp.issubdtype(c.dtype, jnp.integer):

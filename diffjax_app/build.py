@@ -27,7 +27,6 @@ __all__ = [
     "train_batch_fn",
     "held_out",
     "held_out_labels",
-    "labelled_8gaussians",
     "data_std",
     "DATA_STD",
     "measured_data_std",
@@ -162,18 +161,6 @@ def build_model(config: ExperimentConfig):
     return apply, params, objective, path
 
 
-def labelled_8gaussians(key, n: int):
-    """``(points, labels)``: the draw of ``diffjax.data.sample_8gaussians(key, n)`` (the same points) and the index
-    0..7 of each point's centre, its class."""
-    k_c, k_noise = jax.random.split(key)
-    dt = jnp.result_type(float)
-    idx = jax.random.randint(k_c, (n,), 0, 8)
-    x = data_lib.eight_gaussians_centers(dt)[
-        idx
-    ] + data_lib.EIGHT_GAUSSIANS_STD * jax.random.normal(k_noise, (n, 2), dt)
-    return x, idx.astype(jnp.int32)
-
-
 def train_batch_fn(config: ExperimentConfig) -> Callable[[int], jax.Array]:
     """``batch_fn(step)``, deterministic in the step (so resumed runs see the same data).
 
@@ -187,24 +174,9 @@ def train_batch_fn(config: ExperimentConfig) -> Callable[[int], jax.Array]:
     # each step's batch is one jitted program, fold_in of the step included (one dispatch per step, one program
     # to load on a warm start); the keys are arguments, not constants, so every seed shares the program
     base = jax.random.key(config.seed)
-    if config.conditional:
-        return _labelled_batch_fn(config, base)
+    labelled = config.conditional
     if config.is_image:
-        images = np.asarray(data_lib.load_digits("train"))
-        ints = train.dataset_batch_fn(images, config.batch_size, jax.random.fold_in(base, 1))
-        dequant = jax.jit(
-            lambda k, key, s: data_lib.digits_to_model_space(k, jax.random.fold_in(key, s))
-        )
-        k_deq = jax.random.fold_in(base, 2)
-        return lambda s: dequant(ints(s), k_deq, s)
-    name, bs = config.data, config.batch_size
-    sample = jax.jit(lambda key, s: data_lib.toy_sample(name, jax.random.fold_in(key, s), bs))
-    k_data = jax.random.fold_in(base, 3)
-    return lambda s: sample(k_data, s)
-
-
-def _labelled_batch_fn(config: ExperimentConfig, base) -> Callable[[int], tuple]:
-    if config.is_image:
+        # (image, label) pairs share one permutation: a conditional run sees the unconditional run's images
         images, labels = data_lib.load_digits_with_labels("train")
         pairs = train.dataset_batch_fn(
             (np.asarray(images), np.asarray(labels)), config.batch_size, jax.random.fold_in(base, 1)
@@ -215,12 +187,17 @@ def _labelled_batch_fn(config: ExperimentConfig, base) -> Callable[[int], tuple]
         k_deq = jax.random.fold_in(base, 2)
 
         def batch(s):
-            ks, cs = pairs(s)
-            return dequant(ks, k_deq, s), cs
+            ints, cs = pairs(s)
+            xs = dequant(ints, k_deq, s)
+            return (xs, cs) if labelled else xs
 
         return batch
-    bs = config.batch_size
-    sample = jax.jit(lambda key, s: labelled_8gaussians(jax.random.fold_in(key, s), bs))
+    name, bs = config.data, config.batch_size
+    if labelled:  # 8gaussians: the same points as toy_sample's, with their centres' indices
+        draw = lambda key: data_lib.sample_8gaussians_with_labels(key, bs)  # noqa: E731
+    else:
+        draw = lambda key: data_lib.toy_sample(name, key, bs)  # noqa: E731
+    sample = jax.jit(lambda key, s: draw(jax.random.fold_in(key, s)))
     k_data = jax.random.fold_in(base, 3)
     return lambda s: sample(k_data, s)
 
@@ -234,7 +211,7 @@ def held_out_labels(data: str, n: int | None = None, *, reference: bool = False)
         raise ValueError(f"held_out_labels: data set {data!r} has no class labels")
     n = 1000 if n is None else n
     key = jax.random.key(_REFERENCE_KEY if reference else _TEST_KEY)
-    return np.asarray(labelled_8gaussians(key, n)[1])
+    return np.asarray(data_lib.sample_8gaussians_with_labels(key, n)[1])
 
 
 def held_out(data: str, n: int | None = None, *, reference: bool = False):

@@ -154,7 +154,7 @@ def run_train(
         loss_fn = None
         if (
             config.conditional
-        ):  # (xs, labels) batches; labels dropped to the null label with cond_dropout
+        ):  # (xs, labels) batches; a label becomes the null label w.p. cond_dropout
             dropout = conditioning.ClassDropout(config.num_classes, config.cond_dropout)
             loss_fn = functools.partial(losses.conditional_batch_loss, dropout=dropout)
         t0 = time.perf_counter()

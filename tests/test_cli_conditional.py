@@ -60,11 +60,11 @@ def cond_run(tmp_path_factory):
     return workdir, lines[0]
 
 
-def test_labelled_8gaussians_are_the_data_points():
+def test_8gaussians_labels_are_the_data_points():
     import jax  # noqa: PLC0415
 
     key = jax.random.key(7)
-    x, c = build.labelled_8gaussians(key, 200)
+    x, c = data_lib.sample_8gaussians_with_labels(key, 200)
     np.testing.assert_array_equal(np.asarray(x), np.asarray(data_lib.sample_8gaussians(key, 200)))
     centres = np.asarray(data_lib.eight_gaussians_centers())
     nearest = np.argmin(((np.asarray(x)[:, None] - centres[None]) ** 2).sum(-1), 1)
@@ -73,7 +73,7 @@ def test_labelled_8gaussians_are_the_data_points():
     )  # the label is the centre the point was drawn around
     np.testing.assert_array_equal(
         np.asarray(build.held_out("8gaussians", 50)),
-        np.asarray(build.labelled_8gaussians(jax.random.key(build._TEST_KEY), 50)[0]),
+        np.asarray(data_lib.sample_8gaussians_with_labels(jax.random.key(build._TEST_KEY), 50)[0]),
     )
 
 
