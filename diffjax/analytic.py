@@ -18,6 +18,10 @@ The oracle is a PyTree: the mixture's arrays are leaves, and :meth:`GaussianMixt
 their inputs at trace time only (x's shape; t ∈ [0, 1] where t is concrete) and compile in no runtime check, since
 they run once per step inside ODE/SDE solvers; a traced t is the caller's to validate
 (:func:`diffjax.paths.check_time` at the public entry point).
+
+Flow maps (:mod:`diffjax.flow_maps`): :meth:`GaussianMixture.flow_map` is the PF-ODE map X_{s→t} and
+:meth:`GaussianMixture.average_velocity_model` the exact average-velocity model u(s, x, t) = (X_{s→t}(x) − x)/(t − s),
+both from a high-accuracy diffrax solve of the exact velocity (diffrax is imported on first use).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 from .kinds import AbstractKind, Data, Eps, Score, Velocity, as_kind
 from .paths import AbstractPath, check_time
 
-__all__ = ["GaussianMixture", "MixtureModel", "ConditionalMixtureModel"]
+__all__ = ["GaussianMixture", "MixtureModel", "ConditionalMixtureModel", "AverageVelocityModel"]
 
 Scalar = Float[ArrayLike, ""]
 
@@ -238,6 +242,91 @@ class GaussianMixture(eqx.Module):
             raise ValueError(f"GaussianMixture.model: path must be a diffjax path, got {path!r}")
         return MixtureModel(self, as_kind(kind), path)
 
+    # --- flow maps ---------------------------------------------------------------------------------------
+    def flow_map(
+        self,
+        path: AbstractPath,
+        s: Scalar,
+        t: Scalar,
+        x: Float[Array, " D"],
+        *,
+        rtol: float | None = None,
+        atol: float | None = None,
+        max_steps: int = 4096,
+    ) -> Float[Array, " D"]:
+        """The exact flow map X_{s→t}(x) of the probability-flow ODE dx/dτ = u_τ(x) (:meth:`velocity`).
+
+        t = 0 is noise, t = 1 is data; x is the state at time s, the result the state at time t (t < s runs the
+        ODE backwards). Computed as X_{s→t}(x) = x + (t − s)·ū(s, x, t) with the average velocity
+
+            ū(s, x, t) = ∫_0^1 u_{s + r(t − s)}(X_{s→s+r(t−s)}(x)) dr,
+
+        i.e. w(1) for dw/dr = u_{s+r(t−s)}(x + (t − s)·w), w(0) = 0, a diffrax ``Tsit5`` solve over r ∈ [0, 1]
+        with ``PIDController(rtol, atol)``. Written in r, the solve never divides by t − s: at t = s the field
+        is constant and ū = u_s(x) exactly. Tolerances default to 1e-10 in float64 (1e-6 in float32, which
+        cannot reach 1e-10). The solve uses ``diffrax.ForwardMode()``, so ``jax.jvp`` (and ``jax.jacfwd``)
+        differentiate it with respect to s, t, x and the mixture's and the path's leaves; reverse mode
+        (``jax.grad``) is not supported. A solve that fails (``max_steps``) raises.
+        """
+        self._check_x(x)
+        s, t = _boundary_time(s), _boundary_time(t)
+        return x + (t - s) * self._average_velocity(path, s, x, t, rtol, atol, max_steps)
+
+    def _average_velocity(self, path, s, x, t, rtol, atol, max_steps):
+        """ū(s, x, t) of :meth:`flow_map` (unchecked inputs)."""
+        import diffrax  # noqa: PLC0415 (only here: `import diffjax` and training never load it)
+
+        dtype = jnp.result_type(x, s, t, float)
+        x = jnp.asarray(x, dtype)
+        tight = 1e-10 if jnp.finfo(dtype).bits > 32 else 1e-6
+        rtol, atol = (tight if v is None else float(v) for v in (rtol, atol))
+
+        def field(r, w, args):
+            mixture, path, s, x, t = args
+            return mixture._velocity(path, s + r * (t - s), x + (t - s) * w)
+
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(field),
+            diffrax.Tsit5(),
+            t0=jnp.asarray(0.0, dtype),
+            t1=jnp.asarray(1.0, dtype),
+            dt0=None,
+            y0=jnp.zeros_like(x),
+            args=(self, path, jnp.asarray(s, dtype), x, jnp.asarray(t, dtype)),
+            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+            adjoint=diffrax.ForwardMode(),
+            max_steps=max_steps,
+        )
+        return sol.ys[-1]
+
+    def average_velocity_model(
+        self,
+        path: AbstractPath,
+        *,
+        rtol: float | None = None,
+        atol: float | None = None,
+        max_steps: int = 4096,
+    ) -> AverageVelocityModel:
+        """The exact average-velocity model ``u(s, x, t)`` of this mixture on ``path`` (t = 0 noise, t = 1 data).
+
+        u(s, x, t) = (X_{s→t}(x) − x)/(t − s) with X the exact flow map (:meth:`flow_map`), and
+        u(s, x, s) = u_s(x), the exact velocity: the flow-map model that :mod:`diffjax.flow_maps` trains
+        (MeanFlow, shortcut models) and samples with ``sample_flow_map``. It satisfies the MeanFlow identity
+        u = v + (t − s)·d/ds u and the semigroup X_{s→t} = X_{r→t}∘X_{s→r} to the solve's tolerance. A PyTree
+        (:class:`AverageVelocityModel`), so compiled samplers take it as an argument; ``jax.jvp`` works through
+        it (forward-mode solve), ``jax.grad`` does not.
+        """
+        if not isinstance(path, AbstractPath):
+            raise ValueError(
+                f"GaussianMixture.average_velocity_model: path must be a diffjax path, got {path!r}"
+            )
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+            raise ValueError(
+                f"GaussianMixture.average_velocity_model: max_steps must be a Python int >= 1, got "
+                f"{max_steps!r}"
+            )
+        return AverageVelocityModel(self, path, rtol, atol, max_steps)
+
     # --- classes ---------------------------------------------------------------------------------------
     def _class_labels(self, labels):
         k = self.log_weights.shape[0]
@@ -311,6 +400,28 @@ class ConditionalMixtureModel(eqx.Module):
             jnp.where(c == self.num_classes, self.mixture.log_weights, cond.log_weights),
         )
         return mixture.predict(self.kind, self.path, t, x)
+
+
+class AverageVelocityModel(eqx.Module):
+    """The exact average-velocity model u(s, x, t) = (X_{s→t}(x) − x)/(t − s) of a mixture on a path, with
+    u(s, x, s) = u_s(x) (built by :meth:`GaussianMixture.average_velocity_model`; t = 0 noise, t = 1 data).
+
+    x is the state at time s, t the target time; x + (t − s)·u(s, x, t) is the exact flow map X_{s→t}(x).
+    Concrete times are checked to lie in [0, 1]; traced ones (inside a sampler) are not.
+    """
+
+    mixture: GaussianMixture
+    path: AbstractPath
+    rtol: float | None = eqx.field(static=True)
+    atol: float | None = eqx.field(static=True)
+    max_steps: int = eqx.field(static=True)
+
+    def __call__(self, s: Scalar, x: Float[Array, " D"], t: Scalar) -> Float[Array, " D"]:
+        self.mixture._check_x(x)
+        s, t = _boundary_time(s), _boundary_time(t)
+        return self.mixture._average_velocity(
+            self.path, s, x, t, self.rtol, self.atol, self.max_steps
+        )
 
 
 def _boundary_time(t):
