@@ -19,6 +19,7 @@ Contents:
 
 * :class:`SinusoidalEmbedding` — Transformer/DDPM sinusoidal features of a scalar time.
 * :class:`MLP` — time-conditioned MLP for vectors (toy 2-D data).
+* :class:`FlowMapMLP` — the same with two times, an average-velocity model ``model(s, x, t)`` for flow maps.
 * :class:`UNet` — small time-conditioned U-Net for images from 8×8 to 32×32 (Ho et al. 2020 layout).
 * :func:`split`, :func:`merge`, :class:`Apply` — the functional adapter.
 * :func:`edm_precondition` — EDM preconditioning (Karras et al. 2022) of a raw network into a data prediction.
@@ -42,6 +43,7 @@ from .paths import AbstractPath
 __all__ = [
     "SinusoidalEmbedding",
     "MLP",
+    "FlowMapMLP",
     "UNet",
     "Apply",
     "split",
@@ -279,6 +281,66 @@ class MLP(nnx.Module):
         ce = _class_features(self.class_embed, self.num_classes, c, "MLP", x.dtype)
         if ce is not None:
             e = jnp.concatenate([e, ce])
+        h = x
+        for layer in self.layers:
+            h = jax.nn.silu(layer(jnp.concatenate([h, e])))
+        return self.out(h)
+
+
+class FlowMapMLP(nnx.Module):
+    """Average-velocity MLP for flow maps: ``model(s, x, t)`` with scalar s, t and x of shape (dim,) → (dim,).
+
+    x is the state at time s and t the target time (t = 0 noise, t = 1 data); the flow map is
+    x + (t − s)·model(s, x, t) (:mod:`diffjax.flow_maps`). The two times enter as in :class:`MLP`, by
+    concatenation at every layer, with e = [SinusoidalEmbedding(s); SinusoidalEmbedding(t − s)] (the start and the
+    step: MeanFlow's default conditioning, its (t, t − r) in the paper's reversed time; Geng et al. 2025):
+
+        h_1 = SiLU(W_1 [x; e]),   h_{l+1} = SiLU(W_{l+1} [h_l; e]),   out = W_out h_depth  (zero-initialised).
+
+    Args as for :class:`MLP` (``dim``, ``hidden``, ``depth``, ``time_dim`` per time, ``time_scale``,
+    ``zero_init_output``, ``rngs``); no class conditioning.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int = 256,
+        depth: int = 3,
+        time_dim: int = 64,
+        *,
+        time_scale: float = SMOOTH_TIME_SCALE,
+        zero_init_output: bool = True,
+        rngs: nnx.Rngs,
+    ):
+        for name, v in (("dim", dim), ("hidden", hidden), ("depth", depth)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"FlowMapMLP: {name} must be a positive integer, got {v!r}")
+        dt = _param_dtype()
+        self.dim = dim
+        self.embed = SinusoidalEmbedding(time_dim, scale=time_scale, max_period=SMOOTH_MAX_PERIOD)
+        self.layers = nnx.List(
+            [
+                nnx.Linear(
+                    (dim if i == 0 else hidden) + 2 * time_dim,
+                    hidden,
+                    kernel_init=_ZEROS,
+                    param_dtype=dt,
+                    rngs=rngs,
+                )
+                for i in range(depth)
+            ]
+        )
+        self.out = nnx.Linear(hidden, dim, kernel_init=_ZEROS, param_dtype=dt, rngs=rngs)
+        _lecun_init(self, rngs.params(), exclude=(("out",),) if zero_init_output else ())
+
+    def __call__(self, s: Scalar, x: Float[Array, " dim"], t: Scalar) -> Float[Array, " dim"]:
+        if x.shape != (self.dim,):
+            raise ValueError(
+                f"FlowMapMLP: x must have shape ({self.dim},) (one example; use jax.vmap for batches), "
+                f"got {x.shape}"
+            )
+        s, t = _as_float_scalar(s), _as_float_scalar(t)
+        e = jnp.concatenate([self.embed(s), self.embed(t - s)]).astype(x.dtype)
         h = x
         for layer in self.layers:
             h = jax.nn.silu(layer(jnp.concatenate([h, e])))
