@@ -21,6 +21,7 @@ from . import (
     analytic as analytic,
     conditioning as conditioning,
     fields as fields,
+    flow_maps as flow_maps,
     guidance as guidance,
     kinds as kinds,
     losses as losses,
@@ -47,6 +48,11 @@ from .fields import (
     integration_interval as integration_interval,
     score_field as score_field,
     velocity_field as velocity_field,
+)
+from .flow_maps import (
+    MeanFlow as MeanFlow,
+    Shortcut as Shortcut,
+    sample_flow_map as sample_flow_map,
 )
 from .guidance import (
     APG as APG,
@@ -201,6 +207,9 @@ __all__ = [
     "Eps",
     "ExactTrace",
     "flow_matching",
+    "MeanFlow",
+    "Shortcut",
+    "sample_flow_map",
     "forward_sde_diffusion",
     "GaussianMixture",
     "Hutchinson",
