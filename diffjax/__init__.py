@@ -6,11 +6,12 @@ Submodules: ``paths`` (Gaussian paths), ``targets`` (parameterizations and exact
 (weighted objectives and presets), ``fields`` (model adapters, divergences), ``sampling`` (PF-ODE and reverse
 SDE), ``likelihood`` (exact log-likelihood, bits/dim), ``vlb`` (continuous-time ELBO), ``analytic``
 (Gaussian-mixture oracle), ``solve`` and ``grids`` (ODE solves and time grids), ``nn`` (flax models), ``data``,
-``train``, ``checkpoint``, ``conditioning`` (conditional models, condition dropout) and ``guidance`` (classifier-free
-guidance and its variants). ``nn``, ``data``, ``train`` and ``checkpoint`` are imported lazily, on first use
-(``dj.train.fit`` or ``import diffjax.train``), so that ``import diffjax`` does not load flax, optax, orbax or
-scikit-learn; so are ``solve``, ``grids``, ``sampling`` and ``likelihood`` (with their names, e.g.
-``dj.sample_ode``), so that training never loads diffrax. The application layer (experiment runs, metrics,
+``train``, ``checkpoint``, ``samplers`` (fixed-step samplers for few evaluations: DDIM, DPM-Solver++, UniPC, EDM
+Heun), ``flow_maps`` (MeanFlow and shortcut models), ``conditioning`` (conditional models, condition dropout) and
+``guidance`` (classifier-free guidance and its variants). ``nn``, ``data``, ``train`` and ``checkpoint`` are
+imported lazily, on first use (``dj.train.fit`` or ``import diffjax.train``), so that ``import diffjax`` does not
+load flax, optax, orbax or scikit-learn; so are ``solve``, ``grids``, ``sampling``, ``samplers`` and
+``likelihood`` (with their names, e.g. ``dj.sample_ode``, ``dj.sample``), so that training never loads diffrax. The application layer (experiment runs, metrics,
 figures, the ``diffjax`` command) is the separate package ``diffjax_app``; nothing here imports it.
 """
 
@@ -117,7 +118,7 @@ __version__ = "0.1.0"
 # ``dj.sample_ode``, ``from diffjax import log_likelihood`` and ``import diffjax.train`` work as before; the
 # module is imported once, on first use, and then bound as an ordinary attribute.
 _LAZY_SUBMODULES = frozenset(
-    {"checkpoint", "data", "grids", "likelihood", "nn", "sampling", "solve", "train"}
+    {"checkpoint", "data", "grids", "likelihood", "nn", "samplers", "sampling", "solve", "train"}
 )
 _LAZY_NAMES = {
     "LikelihoodResult": "likelihood",
@@ -131,6 +132,12 @@ _LAZY_NAMES = {
     "time_grid": "sampling",
     "SolveError": "solve",
     "raise_if_failed": "solve",
+    "sample": "samplers",
+    "DDIM": "samplers",
+    "DPMSolverPP2M": "samplers",
+    "DPMSolverPP3M": "samplers",
+    "EDMHeun": "samplers",
+    "UniPC": "samplers",
 }
 
 if TYPE_CHECKING:  # static analysers see the lazy names as ordinary attributes
@@ -140,6 +147,7 @@ if TYPE_CHECKING:  # static analysers see the lazy names as ordinary attributes
         grids as grids,
         likelihood as likelihood,
         nn as nn,
+        samplers as samplers,
         sampling as sampling,
         solve as solve,
         train as train,
@@ -149,6 +157,14 @@ if TYPE_CHECKING:  # static analysers see the lazy names as ordinary attributes
         bits_per_dim as bits_per_dim,
         log_likelihood as log_likelihood,
         log_likelihood_with_stats as log_likelihood_with_stats,
+    )
+    from .samplers import (
+        DDIM as DDIM,
+        DPMSolverPP2M as DPMSolverPP2M,
+        DPMSolverPP3M as DPMSolverPP3M,
+        EDMHeun as EDMHeun,
+        UniPC as UniPC,
+        sample as sample,
     )
     from .sampling import (
         SampleResult as SampleResult,
@@ -230,8 +246,14 @@ __all__ = [
     "PathTime",
     "Objective",
     "raise_if_failed",
+    "sample",
     "sample_ode",
     "sample_sde",
+    "DDIM",
+    "DPMSolverPP2M",
+    "DPMSolverPP3M",
+    "EDMHeun",
+    "UniPC",
     "SampleResult",
     "Score",
     "score_field",

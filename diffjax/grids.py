@@ -1,4 +1,4 @@
-"""Time grids for fixed-step samplers: uniform in t, uniform in log-SNR, and EDM's ρ-spacing.
+"""Time grids for fixed-step samplers: uniform in t, uniform in log-SNR, EDM's ρ-spacing and SD3's shift.
 
 Time convention: **t = 0 is noise, t = 1 is data**; a grid increases from the noise end t0 to the data end t1.
 """
@@ -16,7 +16,7 @@ __all__ = ["GRID_KINDS", "LOG_SNR_CLIP_FRACTION", "LOG_SNR_MAX", "time_grid"]
 
 Scalar = Float[ArrayLike, ""]
 
-GRID_KINDS = ("uniform", "log_snr", "edm")
+GRID_KINDS = ("uniform", "log_snr", "edm", "shifted")
 
 #: Where λ_t is infinite at an end of the grid's interval (λ(0) = −∞ for LinearPath/CosinePath, λ(1) = +∞
 #: where σ_1 = 0), the "log_snr" and "edm" grids use λ at t0 + δ (resp. t1 − δ) with δ = this × (t1 − t0).
@@ -41,6 +41,13 @@ def _finite_log_snr_range(path: AbstractPath, t0, t1):
     return end(t0, t0 + delta), end(t1, t1 - delta)
 
 
+def _shifted(frac, shift):
+    """SD3's time shift on the fraction of the interval: with τ = 1 − frac (1 at the noise end),
+    τ' = sτ/(1 + (s − 1)τ), returned as 1 − τ'; strictly increasing for every s > 0."""
+    tau = 1.0 - frac
+    return 1.0 - shift * tau / (1.0 + (shift - 1.0) * tau)
+
+
 def time_grid(
     path: AbstractPath,
     num_steps: int,
@@ -48,6 +55,7 @@ def time_grid(
     rho: float = 7.0,
     t0: Scalar | None = None,
     t1: Scalar | None = None,
+    shift: float = 3.0,
 ) -> Float[Array, " num_steps+1"]:
     """An increasing grid t0 = t_0 < t_1 < … < t_N = t1 of ``num_steps`` + 1 times, from noise to data.
 
@@ -61,6 +69,11 @@ def time_grid(
       σ̃_i = (σ̃_max^{1/ρ} + (i/N)(σ̃_min^{1/ρ} − σ̃_max^{1/ρ}))^ρ with σ̃_max = e^{−λ(t0)/2},
       σ̃_min = e^{−λ(t1)/2}; then λ_i = −2 log σ̃_i and t_i = ``path.t_from_log_snr(λ_i)``. On
       ``EDMPath(rho=ρ)`` (α = 1) this grid is exactly uniform in t.
+    * ``"shifted"``: the uniform grid moved towards the noise end by ``shift`` = s (Esser et al. 2024, "SD3";
+      the "flow shift" of flow-matching samplers): with τ_i = 1 − i/N (1 at the noise end),
+      t_i = t0 + (1 − sτ_i/(1 + (s − 1)τ_i))(t1 − t0). On ``LinearPath`` over [0, 1] this is SD3's shift in its
+      time τ = 1 − t and lowers the log-SNR of every grid point by exactly 2 log s; s = 1 is the uniform grid,
+      s > 1 spends more steps at high noise.
 
     Where λ is infinite at an end (λ(0) = −∞ for LinearPath/CosinePath, λ = +∞ where σ = 0; numerically: not
     finite or |λ| > ``LOG_SNR_MAX`` = 40), the λ range of the "log_snr"/"edm" grids is clipped to λ(t0 + δ) or
@@ -68,7 +81,7 @@ def time_grid(
     always exactly t0 and t1 (so the first/last step spans the clipped part of the λ range).
 
     Raises:
-        ValueError: unknown ``kind``, ``num_steps`` < 1, ``rho`` <= 0, or not 0 <= t0 < t1 <= 1.
+        ValueError: unknown ``kind``, ``num_steps`` < 1, ``rho`` <= 0, ``shift`` <= 0, or not 0 <= t0 < t1 <= 1.
     """
     if kind not in GRID_KINDS:
         raise ValueError(f"unknown grid kind={kind!r}; expected one of {GRID_KINDS}")
@@ -76,10 +89,14 @@ def time_grid(
         raise ValueError(f"num_steps must be a Python int >= 1, got {num_steps!r}")
     if not isinstance(rho, jax.core.Tracer) and float(rho) <= 0:
         raise ValueError(f"rho must be > 0, got {rho}")
+    if not isinstance(shift, jax.core.Tracer) and not float(shift) > 0:
+        raise ValueError(f"shift must be > 0 (1 is the uniform grid), got shift={shift}")
     t0, t1 = interval(path, t0, t1)
     frac = jnp.arange(num_steps + 1, dtype=t0.dtype) / num_steps
     if kind == "uniform":
         ts = t0 + frac * (t1 - t0)
+    elif kind == "shifted":
+        ts = t0 + _shifted(frac, jnp.asarray(shift, t0.dtype)) * (t1 - t0)
     else:
         lam0, lam1 = _finite_log_snr_range(path, t0, t1)
         if kind == "log_snr":
