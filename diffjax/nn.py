@@ -211,6 +211,32 @@ class SinusoidalEmbedding(nnx.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _concat_stack(dim, hidden, depth, cond_dim, dt, rngs):
+    """The layers of :class:`MLP` and :class:`FlowMapMLP`: ``depth`` Linear layers that each see the conditioning
+    (width ``cond_dim``) concatenated to their input, and the output layer."""
+    layers = nnx.List(
+        [
+            nnx.Linear(
+                (dim if i == 0 else hidden) + cond_dim,
+                hidden,
+                kernel_init=_ZEROS,
+                param_dtype=dt,
+                rngs=rngs,
+            )
+            for i in range(depth)
+        ]
+    )
+    return layers, nnx.Linear(hidden, dim, kernel_init=_ZEROS, param_dtype=dt, rngs=rngs)
+
+
+def _concat_forward(layers, out, x, e):
+    """h_1 = SiLU(W_1 [x; e]), h_{l+1} = SiLU(W_{l+1} [h_l; e]), out = W_out h_depth."""
+    h = x
+    for layer in layers:
+        h = jax.nn.silu(layer(jnp.concatenate([h, e])))
+    return out(h)
+
+
 class MLP(nnx.Module):
     """Time-conditioned MLP for vector data: ``model(t, x)`` with scalar t and x of shape (dim,) → (dim,).
 
@@ -256,19 +282,7 @@ class MLP(nnx.Module):
         self.embed = SinusoidalEmbedding(time_dim, scale=time_scale, max_period=SMOOTH_MAX_PERIOD)
         self.class_embed = _class_embedding(num_classes, time_dim, rngs, "MLP")
         cond_dim = time_dim if num_classes is None else 2 * time_dim
-        self.layers = nnx.List(
-            [
-                nnx.Linear(
-                    (dim if i == 0 else hidden) + cond_dim,
-                    hidden,
-                    kernel_init=_ZEROS,
-                    param_dtype=dt,
-                    rngs=rngs,
-                )
-                for i in range(depth)
-            ]
-        )
-        self.out = nnx.Linear(hidden, dim, kernel_init=_ZEROS, param_dtype=dt, rngs=rngs)
+        self.layers, self.out = _concat_stack(dim, hidden, depth, cond_dim, dt, rngs)
         _lecun_init(self, rngs.params(), exclude=(("out",),) if zero_init_output else ())
 
     def __call__(self, t: Scalar, x: Float[Array, " dim"], c=None) -> Float[Array, " dim"]:
@@ -281,10 +295,7 @@ class MLP(nnx.Module):
         ce = _class_features(self.class_embed, self.num_classes, c, "MLP", x.dtype)
         if ce is not None:
             e = jnp.concatenate([e, ce])
-        h = x
-        for layer in self.layers:
-            h = jax.nn.silu(layer(jnp.concatenate([h, e])))
-        return self.out(h)
+        return _concat_forward(self.layers, self.out, x, e)
 
 
 class FlowMapMLP(nnx.Module):
@@ -318,19 +329,7 @@ class FlowMapMLP(nnx.Module):
         dt = _param_dtype()
         self.dim = dim
         self.embed = SinusoidalEmbedding(time_dim, scale=time_scale, max_period=SMOOTH_MAX_PERIOD)
-        self.layers = nnx.List(
-            [
-                nnx.Linear(
-                    (dim if i == 0 else hidden) + 2 * time_dim,
-                    hidden,
-                    kernel_init=_ZEROS,
-                    param_dtype=dt,
-                    rngs=rngs,
-                )
-                for i in range(depth)
-            ]
-        )
-        self.out = nnx.Linear(hidden, dim, kernel_init=_ZEROS, param_dtype=dt, rngs=rngs)
+        self.layers, self.out = _concat_stack(dim, hidden, depth, 2 * time_dim, dt, rngs)
         _lecun_init(self, rngs.params(), exclude=(("out",),) if zero_init_output else ())
 
     def __call__(self, s: Scalar, x: Float[Array, " dim"], t: Scalar) -> Float[Array, " dim"]:
@@ -341,10 +340,7 @@ class FlowMapMLP(nnx.Module):
             )
         s, t = _as_float_scalar(s), _as_float_scalar(t)
         e = jnp.concatenate([self.embed(s), self.embed(t - s)]).astype(x.dtype)
-        h = x
-        for layer in self.layers:
-            h = jax.nn.silu(layer(jnp.concatenate([h, e])))
-        return self.out(h)
+        return _concat_forward(self.layers, self.out, x, e)
 
 
 # ----------------------------------------------------------------------------------------------------------
