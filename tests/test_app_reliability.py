@@ -24,6 +24,7 @@ import time
 
 import pytest
 
+from diffjax.checkpoint import MANIFEST_FILE
 from diffjax_app import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -285,8 +286,15 @@ def test_one_writer_readers_and_sigint(tmp_path, capsys):
         train, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
+        # wait for a finished step (its manifest is written once orbax has finalised it): a bare step directory
+        # can still be in flight, and a reader then finds no checkpoint
         assert _wait_for(
-            lambda: workdir.exists() and any(p.name.isdigit() for p in workdir.iterdir()),
+            lambda: (
+                workdir.exists()
+                and any(
+                    p.name.isdigit() and (p / MANIFEST_FILE).exists() for p in workdir.iterdir()
+                )
+            ),
             120,
             holder,
         )
