@@ -485,29 +485,88 @@ def read_metadata(workdir_or_manager, step: int | None = None) -> dict | None:
 
     Read-only: a workdir that does not exist gives None and is not created. With ``step=None`` the newest step
     whose files are intact and whose metadata reads is used (damaged ones are skipped without a word; the
-    restore reports them). Raises :class:`CheckpointError` if the step asked for, or every step, is damaged.
+    restore reports them; steps rotated away by a live writer while being read are not damage, see
+    :func:`restore_latest`). Raises :class:`CheckpointError` if the step asked for, or every step, is damaged.
     """
     manager, owned = _as_manager(workdir_or_manager)
     if manager is None:
         return None
     directory = os.fspath(manager.directory)
+
+    def attempt(s):
+        reason, _ = _file_check(os.path.join(directory, str(s)))
+        if reason is not None:
+            return None, reason
+        try:
+            return _read_meta(manager, s), None
+        except Exception as e:  # noqa: BLE001
+            return None, f"not restorable: {_describe(e)}"
+
     try:
-        steps = sorted(manager.all_steps(), reverse=True) if step is None else [int(step)]
-        damaged = []
-        for s in steps:
-            reason, _ = _file_check(os.path.join(directory, str(s)))
-            if reason is None:
-                try:
-                    return _read_meta(manager, s)
-                except Exception as e:  # noqa: BLE001
-                    reason = f"not restorable: {_describe(e)}"
-            damaged.append((s, reason))
-        if damaged:
-            raise CheckpointError(_all_damaged_message(directory, damaged))
-        return None
+        if step is not None:
+            meta, reason = attempt(int(step))
+            if meta is None:
+                raise CheckpointError(_all_damaged_message(directory, [(int(step), reason)]))
+            return meta
+        meta, _ = _newest_intact(manager, attempt)
+        return meta
     finally:
         if owned:
             manager.close()
+
+
+READ_ROUNDS = 6
+"""How many times a reader re-lists the steps when the ones it tried vanished (rotated away by a live writer)."""
+
+
+def _gone(directory: str, step: int) -> bool:
+    return not os.path.isdir(os.path.join(directory, str(step)))
+
+
+def _newest_intact(manager, attempt):
+    """``(result, damaged)`` of the newest step for which ``attempt(step) -> (result, reason)`` gives a result.
+
+    A live writer saves and rotates while a reader reads: a step can vanish between the listing and the read, or
+    while its files are read (an orbax or "file missing" error on a directory being deleted). Such a step is not
+    damaged. After each pass the steps whose directory is gone are dropped from the damaged ones, and if any
+    step vanished the listing is read again (newer steps have appeared) and the untried steps are tried, at most
+    :data:`READ_ROUNDS` passes with a short growing pause. ``damaged`` lists ``(step, reason)`` of the steps that
+    failed and are still present, newest first. Raises :class:`CheckpointError` if steps exist and none succeeds.
+    """
+    import time  # noqa: PLC0415
+
+    directory = os.fspath(manager.directory)
+    damaged: dict[int, str] = {}
+    for round_ in range(READ_ROUNDS):
+        if round_:
+            time.sleep(0.05 * 2**round_)
+            manager.reload()
+        vanished = False
+        for step in sorted(manager.all_steps(), reverse=True):
+            if step in damaged:
+                continue
+            result, reason = attempt(step)
+            if result is not None:
+                still = [
+                    (s, r)
+                    for s, r in sorted(damaged.items(), reverse=True)
+                    if not _gone(directory, s)
+                ]
+                return result, still
+            if _gone(directory, step):
+                vanished = True
+            else:
+                damaged[step] = reason
+        for s in [s for s in damaged if _gone(directory, s)]:
+            del damaged[s]
+            vanished = True
+        if not vanished:
+            break
+    if damaged:
+        raise CheckpointError(
+            _all_damaged_message(directory, sorted(damaged.items(), reverse=True))
+        )
+    return None, []
 
 
 def _with_sharding(abstract_state):
@@ -610,7 +669,9 @@ def restore_latest(
 
     Steps are tried from the newest to the oldest. A damaged one (see :func:`verify_step`; also any orbax error
     while reading it) is reported in one :class:`DamagedCheckpointWarning` line naming the step, the reason and
-    the step restored instead, and skipped.
+    the step restored instead, and skipped. A step that vanishes while it is read (a live writer rotated it
+    away: readers run beside training) is not damage: the steps are listed again and the newest intact one is
+    restored (see :data:`READ_ROUNDS`).
 
     Args:
         workdir_or_manager: a directory written by :func:`save` (a missing or empty one gives None; it is read
@@ -633,30 +694,26 @@ def restore_latest(
         return None
     directory = os.fspath(manager.directory)
     try:
-        damaged: list[tuple[int, str]] = []
-        for step in sorted(manager.all_steps(), reverse=True):
-            restored, reason = _try_restore(manager, step, abstract_state, config, ignore)
-            if restored is None:
-                damaged.append((step, reason))
-                continue
-            for bad_step, why in damaged:
-                moved = ""
-                if quarantine:
-                    moved = f"; moved to {_quarantine(manager, bad_step)}"
-                warnings.warn(
-                    f"checkpoint step {bad_step} in {directory} is damaged ({why}); falling back to step "
-                    f"{restored.step}{moved}",
-                    DamagedCheckpointWarning,
-                    stacklevel=2,
-                )
-            if quarantine and damaged:
-                if jax.process_count() > 1:
-                    ocp.multihost.sync_global_processes("diffjax_checkpoint_quarantine")
-                manager.reload()
-            return restored
-        if damaged:
-            raise CheckpointError(_all_damaged_message(directory, damaged))
-        return None
+        restored, damaged = _newest_intact(
+            manager, lambda step: _try_restore(manager, step, abstract_state, config, ignore)
+        )
+        if restored is None:
+            return None
+        for bad_step, why in damaged:
+            moved = ""
+            if quarantine:
+                moved = f"; moved to {_quarantine(manager, bad_step)}"
+            warnings.warn(
+                f"checkpoint step {bad_step} in {directory} is damaged ({why}); falling back to step "
+                f"{restored.step}{moved}",
+                DamagedCheckpointWarning,
+                stacklevel=2,
+            )
+        if quarantine and damaged:
+            if jax.process_count() > 1:
+                ocp.multihost.sync_global_processes("diffjax_checkpoint_quarantine")
+            manager.reload()
+        return restored
     finally:
         if owned:
             manager.close()

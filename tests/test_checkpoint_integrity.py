@@ -431,3 +431,64 @@ def test_read_only_workdir(run, tmp_path):
     assert result["lock"].startswith(f"workdir {intact} is not writable")
     for root in (intact, damaged):
         assert snapshot(root) == before[root]  # nothing written, moved or cleaned
+
+
+@pytest.mark.parametrize("reader", ["restore", "read_metadata"])
+def test_steps_rotated_away_while_read_are_not_damage(run, tmp_path, monkeypatch, reader):
+    """A live writer saves step 6 and rotates step 3 away while a reader reads step 3 (the only one it listed):
+    the reader lists the steps again and reads step 6, with no damage reported. A step damaged in place is still
+    reported beside it (the control)."""
+    workdir = run.copy(tmp_path / "run")
+    hidden = str(tmp_path / "step6")
+    os.replace(
+        os.path.join(workdir, "6"), hidden
+    )  # not yet written, as far as the reader first sees
+    original = checkpoint._read_meta
+    calls = []
+
+    def writer_acts_during_the_read(manager, step):
+        calls.append(step)
+        if step == 3 and len(calls) == 1:
+            shutil.rmtree(os.path.join(workdir, "3"))  # rotation deletes it mid-read
+            os.replace(hidden, os.path.join(workdir, "6"))  # the new step is finalised
+        return original(manager, step)
+
+    monkeypatch.setattr(checkpoint, "_read_meta", writer_acts_during_the_read)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        if reader == "restore":
+            restored = run.restore(workdir)
+            assert restored.step == 6
+            assert_leaves_equal(restored.state, run.seen[6])
+        else:
+            assert checkpoint.read_metadata(workdir)["extra"]["history"]["step"] == [3, 6]
+    assert not damaged_warnings(record)
+    assert calls == [3, 6]
+
+    # every step vanishing for good is "no checkpoint", not "every checkpoint is damaged"
+    monkeypatch.setattr(
+        checkpoint,
+        "_read_meta",
+        lambda manager, step: (
+            shutil.rmtree(os.path.join(workdir, str(step))),
+            original(manager, step),
+        )[1],
+    )
+    assert (
+        run.restore(workdir) if reader == "restore" else checkpoint.read_metadata(workdir)
+    ) is None
+
+    # control: a step damaged in place (its directory stays) is reported, rotation or not
+    workdir = run.copy(tmp_path / "again")
+    damage(largest_file(os.path.join(workdir, "6")), "truncate")
+    monkeypatch.setattr(checkpoint, "_read_meta", original)
+    if reader == "restore":
+        with pytest.warns(
+            checkpoint.DamagedCheckpointWarning, match="step 6 .*falling back to step 3"
+        ):
+            assert run.restore(workdir).step == 3
+    else:
+        for step in (3, 6):
+            damage(largest_file(os.path.join(workdir, str(step))), "delete")
+        with pytest.raises(checkpoint.CheckpointError, match="every checkpoint"):
+            checkpoint.read_metadata(workdir)
