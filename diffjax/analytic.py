@@ -19,6 +19,10 @@ their inputs at trace time only (x's shape; t ∈ [0, 1] where t is concrete) an
 they run once per step inside ODE/SDE solvers; a traced t is the caller's to validate
 (:func:`diffjax.paths.check_time` at the public entry point).
 
+Stochastic interpolants (:mod:`diffjax.interpolants`): :class:`InterpolantMixture`
+(``GaussianMixture.interpolant_marginal``) is the exact marginal — density, score, velocity, divergence — of
+x_t = α_t·x₁ + β_t·x₀ + γ_t·z from a Gaussian-mixture source to Gaussian-mixture data (one component per pair).
+
 Flow maps (:mod:`diffjax.flow_maps`): :meth:`GaussianMixture.flow_map` is the PF-ODE map X_{s→t} and
 :meth:`GaussianMixture.average_velocity_model` the exact average-velocity model u(s, x, t) = (X_{s→t}(x) − x)/(t − s),
 both from a high-accuracy diffrax solve of the exact velocity (diffrax is imported on first use).
@@ -36,7 +40,13 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 from .kinds import AbstractKind, Data, Eps, Score, Velocity, as_kind
 from .paths import AbstractPath, check_time
 
-__all__ = ["GaussianMixture", "MixtureModel", "ConditionalMixtureModel", "AverageVelocityModel"]
+__all__ = [
+    "GaussianMixture",
+    "MixtureModel",
+    "ConditionalMixtureModel",
+    "AverageVelocityModel",
+    "InterpolantMixture",
+]
 
 Scalar = Float[ArrayLike, ""]
 
@@ -327,6 +337,29 @@ class GaussianMixture(eqx.Module):
             )
         return AverageVelocityModel(self, path, rtol, atol, max_steps)
 
+    # --- stochastic interpolants ------------------------------------------------------------------------
+    def interpolant_marginal(self, interpolant) -> InterpolantMixture:
+        """The exact marginal of ``interpolant`` from its Gaussian(-mixture) source to this mixture as the data,
+        under the independent coupling: an :class:`InterpolantMixture` (t = 0 source, t = 1 data).
+
+        The source must be a :class:`~diffjax.interpolants.GaussianSource` or
+        :class:`~diffjax.interpolants.MixtureSource` of this mixture's dimension.
+        """
+        from .interpolants import StochasticInterpolant  # noqa: PLC0415 (interpolants imports this module)
+
+        if not isinstance(interpolant, StochasticInterpolant):
+            raise ValueError(
+                "GaussianMixture.interpolant_marginal: interpolant must be a "
+                f"diffjax.interpolants.StochasticInterpolant, got {type(interpolant).__name__}"
+            )
+        as_mixture = getattr(interpolant.source, "as_mixture", None)
+        if as_mixture is None:
+            raise ValueError(
+                "GaussianMixture.interpolant_marginal: the closed form needs a Gaussian or Gaussian-mixture "
+                f"source (GaussianSource, MixtureSource), got {type(interpolant.source).__name__}"
+            )
+        return InterpolantMixture(as_mixture(self.dim), self, interpolant.path, interpolant.gamma)
+
     # --- classes ---------------------------------------------------------------------------------------
     def _class_labels(self, labels):
         k = self.log_weights.shape[0]
@@ -363,6 +396,96 @@ class GaussianMixture(eqx.Module):
         labels = self._class_labels(labels)
         num_classes = int(jnp.max(labels)) + 1
         return ConditionalMixtureModel(self, as_kind(kind), path, labels, num_classes)
+
+
+class InterpolantMixture(eqx.Module):
+    """The exact marginal of the stochastic interpolant x_t = α_t·x₁ + β_t·x₀ + γ_t·z between two Gaussian
+    mixtures under the independent coupling (t = 0 source, t = 1 data; Albergo et al. 2023).
+
+    Source Σ_j ρ_j N(m_j, diag(v_j)), data Σ_k π_k N(μ_k, diag(s_k²)), z ~ N(0, I), all independent: given the
+    pair (j, k), x_t is Gaussian, so the marginal is a mixture with one component per pair,
+
+        ρ_t = Σ_{j,k} ρ_j π_k N(M_jk, diag(C_jk)),   M_jk = α μ_k + β m_j,   C_jk = α² s_k² + β² v_j + γ²,
+
+    (α, β = ``path.alpha``, ``path.sigma``; γ from ``gamma``). Per pair, (α̇x₁ + β̇x₀ + γ̇z, x_t) are jointly
+    Gaussian and E[α̇x₁ + β̇x₀ + γ̇z | x_t = x, j, k] = Ṁ_jk + ½(Ċ_jk/C_jk)(x − M_jk) with Ṁ = α̇μ_k + β̇m_j and
+    Ċ = 2αα̇s_k² + d(β²)/dt·v_j + d(γ²)/dt (finite where γ̇ is not). The velocity is the mixture of these with
+    the posterior responsibilities r_jk(x) ∝ ρ_j π_k N(x; M_jk, C_jk); the score is Σ r_jk·(−(x − M_jk)/C_jk).
+    With a N(0, I) source and γ = 0 it is :class:`GaussianMixture`'s marginal on the path (α, σ) = (α, β).
+
+    A PyTree (both mixtures, the path and γ are leaves); calling it, ``oracle(t, x)``, gives the velocity, so it
+    is a field for :func:`diffjax.interpolants.sample_ode` and :func:`diffjax.interpolants.log_likelihood`.
+    Methods check x's shape and a concrete t ∈ [0, 1]; a traced t is the caller's to validate.
+    """
+
+    source: GaussianMixture
+    target: GaussianMixture
+    path: AbstractPath
+    gamma: eqx.Module
+
+    def __check_init__(self):
+        if self.source.dim != self.target.dim:
+            raise ValueError(
+                f"InterpolantMixture: source dimension {self.source.dim} != data dimension {self.target.dim}"
+            )
+
+    @property
+    def dim(self) -> int:
+        return self.target.dim
+
+    def _stats(self, t, x):
+        """Per pair (flattened j-major): (log-joint, M, C, Ṁ, Ċ, responsibilities); unchecked."""
+        a, b, da, db = self.path.coefficients(t)
+        dbeta_sq = self.path.d_sigma_sq(t)
+        g2, dg2 = self.gamma.gamma_sq(t), self.gamma.d_gamma_sq(t)
+        src, tgt = self.source, self.target
+        d = self.dim
+        m = (a * tgt.means[None, :, :] + b * src.means[:, None, :]).reshape(-1, d)
+        c = (a * a * tgt.variances[None] + b * b * src.variances[:, None] + g2).reshape(-1, d)
+        dm = (da * tgt.means[None] + db * src.means[:, None]).reshape(-1, d)
+        dc = 2.0 * a * da * tgt.variances[None] + dbeta_sq * src.variances[:, None] + dg2
+        dc = jnp.broadcast_to(dc, (src.means.shape[0], tgt.means.shape[0], d)).reshape(-1, d)
+        logw = (src.log_weights[:, None] + tgt.log_weights[None, :]).reshape(-1)
+        quad = jnp.sum(jnp.square(x - m) / c, axis=-1)
+        logj = logw - 0.5 * (quad + jnp.sum(jnp.log(c), axis=-1) + d * math.log(2 * math.pi))
+        return logj, m, c, dm, dc, jax.nn.softmax(logj)
+
+    def _inputs(self, t, x):
+        self.target._check_x(x)
+        return _boundary_time(t), x
+
+    def log_prob(self, t: Scalar, x: Float[Array, " D"]) -> Float[Array, ""]:
+        """log ρ_t(x), the exact marginal density of x_t (t = 0 source, t = 1 data)."""
+        t, x = self._inputs(t, x)
+        return jax.nn.logsumexp(self._stats(t, x)[0])
+
+    def score(self, t: Scalar, x: Float[Array, " D"]) -> Float[Array, " D"]:
+        """∇_x log ρ_t(x) = Σ r_jk·(−(x − M_jk)/C_jk) (t = 0 source, t = 1 data)."""
+        t, x = self._inputs(t, x)
+        _, m, c, _, _, r = self._stats(t, x)
+        return r @ (-(x - m) / c)
+
+    def velocity(self, t: Scalar, x: Float[Array, " D"]) -> Float[Array, " D"]:
+        """b(t, x) = E[α̇x₁ + β̇x₀ + γ̇z | x_t = x] = Σ r_jk (Ṁ_jk + ½Ċ_jk/C_jk·(x − M_jk)) (t = 0 source)."""
+        t, x = self._inputs(t, x)
+        return self._velocity(t, x)
+
+    def _velocity(self, t, x):
+        _, m, c, dm, dc, r = self._stats(t, x)
+        return r @ (dm + 0.5 * dc / c * (x - m))
+
+    def divergence(self, t: Scalar, x: Float[Array, " D"]) -> Float[Array, ""]:
+        """∇·b(t, x) = Σ r_jk [(s_jk − ∇log ρ_t)·b_jk + ½ Σ_d Ċ_jk/C_jk] in closed form (t = 0 source)."""
+        t, x = self._inputs(t, x)
+        _, m, c, dm, dc, r = self._stats(t, x)
+        sk = -(x - m) / c
+        uk = dm + 0.5 * dc / c * (x - m)
+        score = r @ sk
+        return jnp.sum(r * (jnp.sum((sk - score) * uk, axis=-1) + 0.5 * jnp.sum(dc / c, axis=-1)))
+
+    def __call__(self, t: Scalar, x: Float[Array, " D"]) -> Float[Array, " D"]:
+        """The velocity b(t, x) (a field for the samplers; t = 0 source, t = 1 data), as :meth:`velocity`."""
+        return self.velocity(t, x)
 
 
 class MixtureModel(eqx.Module):

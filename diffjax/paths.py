@@ -1,5 +1,10 @@
 """Gaussian probability paths x_t = α_t·x + σ_t·ε.
 
+Nothing here assumes a variance-preserving path (α² + σ² = 1), α_0 = 0 or σ_1 = 0: any pair (α_t, σ_t) with a
+strictly increasing log-SNR λ_t is a path (the general affine paths of flow matching, Lipman et al. 2024,
+"Flow Matching Guide and Code" §4.8). The prior at t = 0 is N(0, σ_0² I) where α_0 = 0; where α_0 ≠ 0 (VP,
+sub-VP) it is a documented approximation.
+
 Time convention (used everywhere in diffjax): **t = 0 is noise, t = 1 is data.**
 Papers that put data at time 0 (score_sde, VDM, Kingma & Gao, SD3) map to this convention by s = 1 − t.
 
@@ -45,6 +50,10 @@ __all__ = [
     "VEPath",
     "EDMPath",
     "LogSNRPath",
+    "PolynomialPath",
+    "SigmaMinPath",
+    "ICFMPath",
+    "SubVPPath",
     "Normal",
     "check_time",
 ]
@@ -689,6 +698,299 @@ class LogSNRPath(AbstractPath):
         """
         lam = jnp.asarray(lam, dtype=jnp.result_type(lam, float))
         return _monotone_inverse(self._lam, lam, float(self.t_min), float(self.t_max))
+
+    @property
+    def prior(self):
+        return Normal(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# General affine paths (issue 14): not variance-preserving, closed-form λ and inverse. t = 0 noise, t = 1 data.
+# ---------------------------------------------------------------------------------------------------------------
+def _concrete(*values) -> bool:
+    """Whether every value is concrete (not traced): constructors validate concrete parameters only."""
+    return not any(_is_traced(leaf) for v in values for leaf in jax.tree_util.tree_leaves(v))
+
+
+class PolynomialPath(AbstractPath):
+    """flow_matching's polynomial convex schedule: α_t = tⁿ, σ_t = 1 − tⁿ (t = 0 noise, t = 1 data).
+
+    Meta ``flow_matching``'s ``PolynomialConvexScheduler(n)`` (α + σ = 1; Lipman et al. 2024, "Flow Matching
+    Guide and Code" §4.8); n = 1 is :class:`LinearPath`. α̇ = n·tⁿ⁻¹, σ̇ = −n·tⁿ⁻¹,
+    λ_t = 2(n·log t − log(1 − tⁿ)), λ̇ = 2n/(t(1 − tⁿ)), and the exact inverse tⁿ = sigmoid(λ/2), i.e.
+    t = exp(log sigmoid(λ/2)/n). The prior N(0, I) is exact (α_0 = 0, σ_0 = 1).
+
+    For 0 < n < 1, α̇ = n·tⁿ⁻¹ is infinite at the noise end: ``t_min`` = ``t_eps`` (default 1e-5 there, 0 for
+    n ≥ 1); the data end is regular for every n > 0, so ``t_max`` = 1.
+
+    Args:
+        exponent: n > 0 (a leaf: it can be trained or vmapped; checked at construction when concrete).
+        t_eps: the distance from the noise end to start at (default: 0 for n ≥ 1, 1e-5 for n < 1).
+
+    Raises:
+        ValueError: n ≤ 0, not finite, or t_eps outside [0, 0.5).
+    """
+
+    exponent: Float[Array, ""]
+    eps: float = eqx.field(static=True, default=0.0)
+
+    def __init__(self, exponent: Scalar = 2.0, t_eps: float | None = None):
+        small = False
+        if _concrete(exponent):
+            n = float(np.asarray(exponent))
+            if not (math.isfinite(n) and n > 0):
+                raise ValueError(
+                    f"PolynomialPath: exponent must be a finite number > 0 (α_t = t^n, σ_t = 1 − t^n; n = 1 is "
+                    f"LinearPath), got exponent={exponent!r}"
+                )
+            small = n < 1
+        if t_eps is None:
+            t_eps = 1e-5 if small else 0.0
+        if not 0.0 <= float(t_eps) < 0.5:
+            raise ValueError(f"PolynomialPath: t_eps must lie in [0, 0.5), got t_eps={t_eps!r}")
+        self.exponent = jnp.asarray(exponent, dtype=jnp.result_type(float))
+        self.eps = float(t_eps)
+
+    @property
+    def t_eps(self):
+        return self.eps
+
+    @property
+    def t_min(self):
+        return self.eps
+
+    @property
+    def t_max(self):
+        return 1.0
+
+    def _alpha(self, t):
+        return t**self.exponent
+
+    def _sigma(self, t):
+        return 1.0 - t**self.exponent
+
+    def _d_alpha(self, t):
+        return self.exponent * t ** (self.exponent - 1.0)
+
+    def _d_sigma(self, t):
+        return -self._d_alpha(t)
+
+    def _log_snr(self, t):
+        return 2.0 * (self.exponent * jnp.log(t) - jnp.log1p(-(t**self.exponent)))
+
+    def _d_log_snr(self, t):
+        return 2.0 * self.exponent / (t * (1.0 - t**self.exponent))
+
+    def t_from_log_snr(self, lam):
+        lam = jnp.asarray(lam, dtype=jnp.result_type(lam, float))
+        return jnp.exp(jax.nn.log_sigmoid(0.5 * lam) / self.exponent)
+
+    @property
+    def prior(self):
+        return Normal(1.0)
+
+
+class SigmaMinPath(AbstractPath):
+    """Lipman et al.'s σ_min path ("OT path"): α_t = t, σ_t = 1 − (1 − σ_min)·t (t = 0 noise, t = 1 data).
+
+    Lipman et al. 2023, "Flow Matching for Generative Modeling", eq. 20 (their time runs the same way: t = 1 is
+    data). σ_min = 0 is :class:`LinearPath`; with σ_min > 0 the data end keeps σ_1 = σ_min, so samplers and
+    likelihoods describe the data smoothed by N(0, σ_min² I) (``log_likelihood`` reports σ_1/α_1 = σ_min).
+    With k = 1 − σ_min: α̇ = 1, σ̇ = −k, λ_t = 2(log t − log σ_t), λ̇ = 2/(t·σ_t) (since σ + k·t = 1) and the
+    exact inverse t = 1/(e^{−λ/2} + k), clipped to [0, 1]. The prior N(0, I) is exact.
+
+    Args:
+        sigma_min: σ_min ∈ [0, 1) (a leaf; checked at construction when concrete).
+
+    Raises:
+        ValueError: σ_min outside [0, 1) (at σ_min = 1 the path never leaves the noise: λ is not increasing).
+    """
+
+    sigma_min: Float[Array, ""]
+
+    def __init__(self, sigma_min: Scalar = 1e-4):
+        if _concrete(sigma_min):
+            v = float(np.asarray(sigma_min))
+            if not 0.0 <= v < 1.0:
+                raise ValueError(
+                    f"SigmaMinPath: sigma_min must lie in [0, 1) (σ_t = 1 − (1 − σ_min)·t must fall from 1 for "
+                    f"λ_t to increase; 0 is LinearPath), got sigma_min={sigma_min!r}"
+                )
+        self.sigma_min = jnp.asarray(sigma_min, dtype=jnp.result_type(float))
+
+    def _alpha(self, t):
+        return t
+
+    def _sigma(self, t):
+        return 1.0 - (1.0 - self.sigma_min) * t
+
+    def _d_alpha(self, t):
+        return jnp.ones_like(t)
+
+    def _d_sigma(self, t):
+        return -(1.0 - self.sigma_min) * jnp.ones_like(t)
+
+    def _log_snr(self, t):
+        return 2.0 * (jnp.log(t) - jnp.log(self._sigma(t)))
+
+    def _d_log_snr(self, t):
+        return 2.0 / (t * self._sigma(t))
+
+    def t_from_log_snr(self, lam):
+        lam = jnp.asarray(lam, dtype=jnp.result_type(lam, float))
+        return jnp.clip(1.0 / (jnp.exp(-0.5 * lam) + (1.0 - self.sigma_min)), 0.0, 1.0)
+
+    @property
+    def prior(self):
+        return Normal(1.0)
+
+
+class ICFMPath(AbstractPath):
+    """I-CFM's path with constant σ > 0 as a Gaussian path: α_t = t, σ_t = √((1 − t)² + σ²) (t = 0 noise,
+    t = 1 data).
+
+    Tong et al. 2024 ("Improving and generalizing flow-based generative models with minibatch optimal transport"),
+    torchcfm's ``ConditionalFlowMatcher(sigma)``: x_t = t·x₁ + (1 − t)·x₀ + σ·z with x₀, z ~ N(0, I) independent.
+    Given the data point x₁, (1 − t)x₀ + σz ~ N(0, ((1 − t)² + σ²) I), so x_t = α_t x₁ + σ_t ε with the α, σ
+    above: the same marginals p_t, hence the same marginal velocity. I-CFM's conditional target x₁ − x₀ differs
+    from this path's α̇x₁ + σ̇ε = x₁ − (1 − t)ε/σ_t, but both have the regression minimiser
+    E[x₁ − x₀ | x_t] = E[x₁ + σ̇ε | x_t] (E[x₀ | x_t, x₁] = ((1 − t)/σ_t²)·(x_t − t·x₁)).
+
+    σ̇ = −(1 − t)/σ_t, d(σ²)/dt = −2(1 − t), λ_t = 2 log t − log((1 − t)² + σ²), λ̇ = 2/t + 2(1 − t)/σ_t² > 0, and
+    with q = e^{λ/2} (clipped to q ≤ 1/σ, the data end) the exact inverse is the positive root of
+    (1 − q²)t² + 2q²t − q²(1 + σ²) = 0:  t = q(1 + σ²)/(q + √(1 + σ² − σ²q²)).
+
+    Both ends are regular; σ_1 = σ, so the data end is the data smoothed by N(0, σ² I), and the noise end is
+    x_0 ~ N(0, (1 + σ²) I): the prior is ``Normal(√(1 + σ²))`` (exact).
+
+    Raises:
+        ValueError: σ ≤ 0 or not finite (σ = 0 is :class:`LinearPath`).
+    """
+
+    sigma_const: Float[Array, ""]
+
+    def __init__(self, sigma: Scalar = 0.1):
+        if _concrete(sigma):
+            v = float(np.asarray(sigma))
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(
+                    f"ICFMPath: sigma must be a finite number > 0 (σ = 0 is LinearPath), got sigma={sigma!r}"
+                )
+        self.sigma_const = jnp.asarray(sigma, dtype=jnp.result_type(float))
+
+    def _alpha(self, t):
+        return t
+
+    def _sigma(self, t):
+        return jnp.sqrt(jnp.square(1.0 - t) + jnp.square(self.sigma_const))
+
+    def _d_alpha(self, t):
+        return jnp.ones_like(t)
+
+    def _d_sigma(self, t):
+        return -(1.0 - t) / self._sigma(t)
+
+    def _d_sigma_sq(self, t):
+        return -2.0 * (1.0 - t)
+
+    def _log_snr(self, t):
+        return 2.0 * jnp.log(t) - jnp.log(jnp.square(1.0 - t) + jnp.square(self.sigma_const))
+
+    def _d_log_snr(self, t):
+        return 2.0 / t + 2.0 * (1.0 - t) / (jnp.square(1.0 - t) + jnp.square(self.sigma_const))
+
+    def t_from_log_snr(self, lam):
+        lam = jnp.asarray(lam, dtype=jnp.result_type(lam, float))
+        s2 = jnp.square(self.sigma_const)
+        # q = e^{λ/2} ≤ 1/σ (λ ≤ λ_1 = −2 log σ): beyond the data end the root would not exist
+        q = jnp.exp(0.5 * jnp.minimum(lam, -2.0 * jnp.log(self.sigma_const)))
+        disc = jnp.maximum(1.0 + s2 - s2 * q * q, 0.0)
+        return jnp.clip(q * (1.0 + s2) / (q + jnp.sqrt(disc)), 0.0, 1.0)
+
+    @property
+    def prior(self):
+        return Normal(jnp.sqrt(1.0 + jnp.square(self.sigma_const)))
+
+
+class SubVPPath(AbstractPath):
+    """score_sde's sub-VP SDE with linear β, time-reversed to t = 0 noise, t = 1 data.
+
+    With s = 1 − t and Γ = ½s²(β_max − β_min) + sβ_min as in :class:`VPPath`: α_t = e^{−Γ/2} (as VP) and
+    σ_t = 1 − e^{−Γ} (a standard deviation, not a variance: score_sde ``subVPSDE.marginal_prob``; Song et al.
+    2021, eq. 29; formulas-detailed.md §1.4). α² + σ² < 1 inside (0, 1): not variance preserving.
+
+    α̇ = ½βα, σ̇ = −β·e^{−Γ} (finite at t = 1, unlike VP: σ̇_1 = −β_min), λ_t = −Γ − 2 log(1 − e^{−Γ}),
+    λ̇ = β(1 + e^{−Γ})/(1 − e^{−Γ}), and the reverse SDE's g² = σ²λ̇ = β(1 − e^{−2Γ}) is score_sde's sub-VP
+    diffusion. Exact inverse: with r = e^λ, y = e^{−Γ} is the root in (0, 1) of r(1 − y)² = y, so
+    Γ = log(1 + m²/2 + m√(1 + m²/4)), m = e^{−λ/2}, and t = 1 − s(Γ) as for VP.
+
+    The ends: α_0 = e^{−Γ(1)/2} ≈ 6.6e-3 for the defaults, so the N(0, I) prior is slightly off (as VP). The
+    data end is regular (σ_1 = 0, σ̇_1 finite); only λ̇ is infinite there. ``t_eps`` (default 0; score_sde's
+    likelihood uses 1e-5) moves the data end of the default interval.
+
+    Raises:
+        ValueError: not 0 < β_min < β_max, or t_eps outside [0, 0.5).
+    """
+
+    beta_min: Float[Array, ""]
+    beta_max: Float[Array, ""]
+    eps: float = eqx.field(static=True, default=0.0)
+
+    def __init__(self, beta_min: Scalar = 0.1, beta_max: Scalar = 20.0, t_eps: float = 0.0):
+        if _concrete(beta_min, beta_max):
+            if not (0 < float(beta_min) < float(beta_max)):
+                raise ValueError(
+                    f"SubVPPath needs 0 < beta_min < beta_max, got beta_min={beta_min}, beta_max={beta_max}"
+                )
+        if not 0.0 <= float(t_eps) < 0.5:
+            raise ValueError(f"SubVPPath: t_eps must lie in [0, 0.5), got t_eps={t_eps!r}")
+        self.beta_min = jnp.asarray(beta_min, dtype=jnp.result_type(float))
+        self.beta_max = jnp.asarray(beta_max, dtype=jnp.result_type(float))
+        self.eps = float(t_eps)
+
+    @property
+    def t_eps(self):
+        return self.eps
+
+    def _gamma(self, t):
+        s = 1.0 - t
+        return 0.5 * s**2 * (self.beta_max - self.beta_min) + s * self.beta_min
+
+    def _beta(self, t):
+        return self.beta_min + (1.0 - t) * (self.beta_max - self.beta_min)
+
+    def beta(self, t: Scalar) -> Float[Array, ""]:
+        """β at papers' time s = 1 − t (t = 0 noise, t = 1 data)."""
+        return self._beta(_as_time(t))
+
+    def _alpha(self, t):
+        return jnp.exp(-0.5 * self._gamma(t))
+
+    def _sigma(self, t):
+        return -jnp.expm1(-self._gamma(t))
+
+    def _d_alpha(self, t):
+        return 0.5 * self._beta(t) * self._alpha(t)
+
+    def _d_sigma(self, t):
+        return -self._beta(t) * jnp.exp(-self._gamma(t))
+
+    def _log_snr(self, t):
+        g = self._gamma(t)
+        return -g - 2.0 * jnp.log(-jnp.expm1(-g))
+
+    def _d_log_snr(self, t):
+        g = self._gamma(t)
+        return self._beta(t) * (1.0 + jnp.exp(-g)) / (-jnp.expm1(-g))
+
+    def t_from_log_snr(self, lam):
+        lam = jnp.asarray(lam, dtype=jnp.result_type(lam, float))
+        # m = e^{−λ/2}; λ below −80 is far below λ(0) for any sensible β (clipped to t = 0 anyway): no overflow
+        m = jnp.exp(-0.5 * jnp.maximum(lam, -80.0))
+        gamma = jnp.log1p(0.5 * m * m + m * jnp.sqrt(1.0 + 0.25 * m * m))
+        db = self.beta_max - self.beta_min
+        s = (-self.beta_min + jnp.sqrt(self.beta_min**2 + 2.0 * db * gamma)) / db
+        return jnp.clip(1.0 - s, 0.0, 1.0)
 
     @property
     def prior(self):
