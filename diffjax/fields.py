@@ -226,6 +226,14 @@ class AbstractTrace(eqx.Module):
     @abc.abstractmethod
     def __call__(self, f, x, state) -> tuple[Float[Array, "*shape"], Float[Array, ""]]: ...
 
+    def per_probe(self, f, x, state) -> tuple[Float[Array, "*shape"], Float[Array, " k"]]:
+        """(f(x), the estimate of each probe, shape (k,)); their mean is ``__call__``'s divergence. An exact
+        estimator has one "probe", its exact value. Integrating the k estimates side by side along one solve
+        (whose trajectory does not depend on the probes) gives k estimates of the log-density whose spread is
+        the standard error of their mean (``LikelihoodResult.log_prob_se``)."""
+        y, div = self(f, x, state)
+        return y, div[None]
+
 
 class ExactTrace(AbstractTrace):
     """The exact trace Σ_i e_iᵀ(∂f/∂x)e_i: one linearisation of f, then D forward-mode JVPs.
@@ -289,9 +297,17 @@ class Hutchinson(AbstractTrace):
         if probes.shape[0] == 1:  # a plain JVP (a vmap over one probe lowers to slower batched kernels)
             y, jv = jax.jvp(f, (x,), (probes[0],))
             return y, jnp.sum(probes[0] * jv)
+        y, per = self.per_probe(f, x, probes)
+        return y, jnp.mean(per)
+
+    def per_probe(self, f, x, state):
+        """(f(x), v_kᵀ(∂f/∂x)v_k for each of the k probes): one linearisation, the k JVPs as one batch."""
+        probes = state
+        if probes.shape[1:] != x.shape:
+            raise ValueError(f"probes must have shape (k, *{x.shape}), got {probes.shape}")
         y, lin = jax.linearize(f, x)
         jv = jax.vmap(lin)(probes)
-        return y, jnp.mean(jnp.sum((probes * jv).reshape(probes.shape[0], -1), axis=-1))
+        return y, jnp.sum((probes * jv).reshape(probes.shape[0], -1), axis=-1)
 
 
 _PROBE_SAMPLERS = {"rademacher": jax.random.rademacher, "gaussian": jax.random.normal}
