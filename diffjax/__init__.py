@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from . import (
     analytic as analytic,
     conditioning as conditioning,
+    couplings as couplings,
     fields as fields,
     flow_maps as flow_maps,
     guidance as guidance,
@@ -37,6 +38,14 @@ from .conditioning import (
     ClassDropout as ClassDropout,
     ConditionDropout as ConditionDropout,
     Conditioned as Conditioned,
+)
+from .couplings import (
+    AbstractCoupling as AbstractCoupling,
+    Hungarian as Hungarian,
+    Independent as Independent,
+    MinibatchOT as MinibatchOT,
+    SchrodingerBridge as SchrodingerBridge,
+    Sinkhorn as Sinkhorn,
 )
 from .fields import (
     AbstractField as AbstractField,
@@ -301,4 +310,10 @@ __all__ = [
     "BrownianGamma",
     "ConstantGamma",
     "StochasticInterpolant",
+    "AbstractCoupling",
+    "Independent",
+    "MinibatchOT",
+    "SchrodingerBridge",
+    "Hungarian",
+    "Sinkhorn",
 ]

@@ -764,6 +764,7 @@ def batch_loss(
     key: PRNGKeyArray,
     *,
     stratified: bool = False,
+    coupling=None,
 ) -> Float[Array, ""]:
     """Mean over the batch of per-example losses with independent keys (``jax.vmap`` of :func:`loss`).
 
@@ -771,8 +772,16 @@ def batch_loss(
     t_i = ``objective.time_at(u_i)`` through the sampler's exact (truncated) inverse CDF. Each t_i is still
     marginally π truncated to ``t_range`` and each loss carries Z, so the estimate stays unbiased with lower
     variance. Pure: no host callback, so a jitted training step stays cacheable.
+
+    ``coupling`` (:mod:`diffjax.couplings`: ``"independent"``, ``"ot"``, ``"sb"`` or a module such as
+    ``MinibatchOT()``) pairs the batch's noises with its data points before the per-example losses: the times and
+    noises are drawn exactly as without it, then noise ε_{j_i} goes with data point x_i, j = ``coupling.pair``
+    (t = 0 noise, t = 1 data). Inside a jitted, data-parallel step the pairing is over the global batch. The
+    default (None or ``Independent()``) is the unpaired loss, bit for bit. For ``diffjax.train.fit`` pass
+    ``loss_fn=functools.partial(batch_loss, coupling=MinibatchOT())``.
     """
-    return _batch_loss(objective, lambda c: fn, xs, None, key, stratified)
+    coupling = _coupling_at_boundary("batch_loss", coupling, objective, xs)
+    return _batch_loss(objective, lambda c: fn, xs, None, key, stratified, coupling)
 
 
 def conditional_batch_loss(
@@ -783,6 +792,7 @@ def conditional_batch_loss(
     *,
     dropout: AbstractConditionDropout,
     stratified: bool = False,
+    coupling=None,
 ) -> Float[Array, ""]:
     """:func:`batch_loss` of a conditional model ``fn(t, x, c)`` on ``batch = (xs, conds)`` with condition dropout.
 
@@ -792,6 +802,7 @@ def conditional_batch_loss(
     :func:`loss` for the model ``(t, x) ↦ fn(t, x, c_i)`` (t = 0 noise, t = 1 data). ``conds`` is validated once
     by ``dropout.check`` (for :class:`~diffjax.conditioning.ClassDropout`: integer labels in 0..K, K = ∅).
     Pass to ``diffjax.train.fit`` as ``loss_fn=functools.partial(conditional_batch_loss, dropout=...)``.
+    ``coupling`` re-pairs the noises with the (data, condition) examples as in :func:`batch_loss`.
     """
     if not isinstance(dropout, AbstractConditionDropout):
         raise ValueError(
@@ -811,24 +822,61 @@ def conditional_batch_loss(
             f"conditional_batch_loss: every leaf of conds must have the batch size {n} as its first axis (one "
             f"condition per example), got leading shapes {sorted(lead)}"
         )
+    coupling = _coupling_at_boundary("conditional_batch_loss", coupling, objective, xs)
     conds = dropout.check(conds)
-    conds = jax.vmap(dropout)(jax.random.split(jax.random.fold_in(key, 1), n), conds)
-    return _batch_loss(objective, lambda c: Conditioned(fn, c), xs, conds, key, stratified)
+    drop_keys = _rows_like(xs, jax.random.split(jax.random.fold_in(key, 1), n))
+    conds = jax.vmap(dropout)(drop_keys, conds)
+    return _batch_loss(
+        objective, lambda c: Conditioned(fn, c), xs, conds, key, stratified, coupling
+    )
 
 
-def _batch_loss(objective, model_for, xs, conds, key, stratified):
+def _coupling_at_boundary(caller, coupling, objective, xs):
+    """The coupling module for ``coupling`` (None: no coupling, the unpaired loss), validated against the
+    objective and the batch once, at the entry point."""
+    if coupling is None:
+        return None
+    from . import couplings  # noqa: PLC0415 (loaded only when a coupling is asked for)
+
+    coupling = couplings.as_coupling(coupling, f"{caller}: coupling")
+    if isinstance(coupling, couplings.Independent):
+        return None
+    shape = jnp.shape(xs)
+    if len(shape) < 1 or shape[0] < 2:
+        raise ValueError(
+            f"{caller}: coupling={type(coupling).__name__}() pairs noises and data within a batch, but the batch "
+            f"has shape {shape}; use a batch of at least 2 examples, or coupling='independent'"
+        )
+    coupling.check(objective)
+    return coupling
+
+
+def _rows_like(xs, per_row):
+    """``per_row`` (one entry per example) sharded like the batch axis of ``xs`` when a mesh with Explicit axes
+    (``jax.make_mesh``'s default) splits that axis, since ``vmap`` needs its mapped operands sharded alike; the
+    unchanged array otherwise (no mesh, or Auto axes: the same program as before)."""
+    spec = jax.typeof(xs).sharding.spec
+    axis = spec[0] if len(spec) else None
+    if axis is None:
+        return per_row
+    return jax.sharding.reshard(per_row, jax.sharding.PartitionSpec(axis))
+
+
+def _batch_loss(objective, model_for, xs, conds, key, stratified, coupling=None):
     """Mean per-example loss; example i uses the model ``model_for(conds_i)`` (``conds`` may be None)."""
+    if coupling is not None:
+        return _coupled_batch_loss(objective, model_for, xs, conds, key, stratified, coupling)
     n = jnp.shape(xs)[0]
     if not stratified:
-        keys = jax.random.split(key, n)
+        keys = _rows_like(xs, jax.random.split(key, n))
         return jnp.mean(
             jax.vmap(lambda x, c, k: loss(objective, model_for(c), x, k))(xs, conds, keys)
         )
     k_u, k_eps = jax.random.split(key)
     dtype = jnp.result_type(float)
     u0 = jax.random.uniform(k_u, (), dtype=dtype)
-    us = jnp.mod(u0 + jnp.arange(n, dtype=dtype) / n, 1.0)
-    eps_keys = jax.random.split(k_eps, n)
+    us = _rows_like(xs, jnp.mod(u0 + jnp.arange(n, dtype=dtype) / n, 1.0))
+    eps_keys = _rows_like(xs, jax.random.split(k_eps, n))
     cdf_range = objective._cdf_range()
     mass = cdf_range[3] - cdf_range[2]
 
@@ -837,6 +885,32 @@ def _batch_loss(objective, model_for, xs, conds, key, stratified):
         return _loss_at(objective, model_for(c), x, t, _noise(k, x))
 
     return mass * jnp.mean(jax.vmap(one)(xs, conds, us, eps_keys))
+
+
+def _coupled_batch_loss(objective, model_for, xs, conds, key, stratified, coupling):
+    """:func:`_batch_loss` with the noises re-paired by ``coupling``: the (t_i, ε_i) are drawn from the same keys
+    as the unpaired loss, then example i gets ε_{j_i}, j = coupling's pairing (from ``fold_in(key, 2)``); a
+    coupling's own per-example noise (the Schrödinger bridge's z) comes from ``fold_in(key, 3)``."""
+    n = jnp.shape(xs)[0]
+    dtype = jnp.result_type(float)
+    if not stratified:
+        ts, eps = jax.vmap(lambda x, k: draw(objective, k, x))(xs, jax.random.split(key, n))
+        mass = objective.mass()
+    else:
+        k_u, k_eps = jax.random.split(key)
+        u0 = jax.random.uniform(k_u, (), dtype=dtype)
+        us = jnp.mod(u0 + jnp.arange(n, dtype=dtype) / n, 1.0)
+        cdf_range = objective._cdf_range()
+        mass = cdf_range[3] - cdf_range[2]
+        ts = jax.vmap(lambda u: objective._time_at(cdf_range, u))(us)
+        eps = jax.vmap(_noise)(jax.random.split(k_eps, n), xs)
+    eps = eps[coupling._pair(jax.random.fold_in(key, 2), eps, xs)]
+    extra = jax.random.split(jax.random.fold_in(key, 3), n)
+
+    def one(x, c, t, e, k):
+        return coupling._loss_at(objective, model_for(c), x, t, e, k)
+
+    return mass * jnp.mean(jax.vmap(one)(xs, conds, ts, eps, extra))
 
 
 def weighted_objective(
