@@ -10,11 +10,18 @@ Gaussian mixture with diagonal covariances whose constants (``MIXTURE_WEIGHTS``,
 Digits: :func:`load_digits` returns integer images with 17 grey levels 0..16; :func:`digits_to_model_space` maps
 them to [−1, 1] with optional uniform dequantization, and :func:`dequantization_log_volume` gives the exact
 log-Jacobian term for bits/dim. :func:`epoch_batches` makes a deterministic shuffled epoch from a key.
+
+Large data sets: :class:`HostLoader` is ``batch_fn(step)`` for a data set held in host memory. It shuffles
+indices, not the array (:func:`epoch_order`: the permutation of :func:`epoch_batches`, n integers), gathers
+each batch on the host with NumPy, prepares the next batches in a background thread, and gives process i of P
+its contiguous rows [i·B/P, (i+1)·B/P) of every global batch of B rows (the layout ``diffjax.train`` shards).
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +54,8 @@ __all__ = [
     "model_space_to_digits",
     "dequantization_log_volume",
     "epoch_batches",
+    "epoch_order",
+    "HostLoader",
 ]
 
 
@@ -322,3 +331,147 @@ def epoch_batches(data: PyTree[Array], batch_size: int, key: PRNGKeyArray) -> Py
     return jax.tree_util.tree_map(
         lambda a: jnp.asarray(a)[perm].reshape((nb, batch_size) + jnp.shape(a)[1:]), data
     )
+
+
+def epoch_order(key: PRNGKeyArray, n: int) -> np.ndarray:
+    """The order of epoch ``key`` over n examples: ``jax.random.permutation(key, n)`` as host int64 indices.
+
+    The same order as :func:`epoch_batches` (and ``diffjax.train.dataset_batch_fn``) uses, computed on the CPU
+    backend (n integers; threefry and the sort-based shuffle give the same permutation on every backend).
+    """
+    n = _check_n(n)
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError:  # no CPU backend registered: use the default device (same permutation)
+        return np.asarray(jax.random.permutation(key, n), np.int64)
+    with jax.default_device(cpu):
+        return np.asarray(jax.random.permutation(jax.device_put(key, cpu), n), np.int64)
+
+
+class HostLoader:
+    """``loader(step)``: this process's rows of global batch ``step`` of a data set in host memory, prefetched.
+
+    Step s reads batch i = s mod m of epoch e = s div m (m = n // batch_size; the remainder of each epoch is
+    dropped), whose rows are ``order[i·B:(i+1)·B]`` with ``order = epoch_order(fold_in(key, e), n)``: a pure
+    function of (key, step), so a resumed run sees exactly the batches of an uninterrupted one, and the global
+    batch is the one ``diffjax.train.dataset_batch_fn(data, batch_size, key)`` returns for the same step.
+
+    * **Host shuffle**: only the n indices are permuted; each batch is gathered with ``numpy.take`` from the
+      host copy of ``data`` (no device copy of the data set, no permuted copy of it).
+    * **Prefetch**: after serving step s, a background thread gathers steps s + 1 … s + ``prefetch`` (and the
+      next epoch's order), so the host work overlaps the device's step. ``prefetch=0`` turns it off.
+    * **Per process**: with ``process_count`` = P processes (default ``jax.process_count()``), process
+      ``process_index`` = i gets rows [i·B/P, (i+1)·B/P) of every global batch: the processes' parts are
+      disjoint and together are the global batch, the layout ``diffjax.train.shard_batch`` expects.
+
+    ``data`` is an array or a PyTree of arrays sharing the leading axis (e.g. ``(images, labels)``); it is
+    converted to NumPy once. Returns a PyTree of NumPy arrays of B/P rows. ``close()`` (or ``with``) stops the
+    thread. Time convention elsewhere: t = 0 is noise, t = 1 is data (the examples here are the data end).
+    """
+
+    def __init__(
+        self,
+        data: PyTree,
+        batch_size: int,
+        key: PRNGKeyArray,
+        *,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        prefetch: int = 2,
+    ):
+        leaves = jax.tree_util.tree_leaves(data)
+        if not leaves:
+            raise ValueError("HostLoader: data has no arrays")
+        self._data = jax.tree_util.tree_map(np.asarray, data)
+        sizes = {
+            np.shape(leaf)[0] if np.ndim(leaf) else None
+            for leaf in jax.tree_util.tree_leaves(self._data)
+        }
+        if len(sizes) != 1 or None in sizes:
+            raise ValueError(
+                f"HostLoader: every array in data needs the same leading axis, got sizes {sizes}"
+            )
+        (n,) = sizes
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+            raise ValueError(f"HostLoader: batch_size must be a Python int, got {batch_size!r}")
+        if not 1 <= batch_size <= n:
+            raise ValueError(
+                f"HostLoader: batch_size must be in [1, N={n}] (N = number of examples), got {batch_size}"
+            )
+        count = jax.process_count() if process_count is None else process_count
+        index = jax.process_index() if process_index is None else process_index
+        if not (
+            isinstance(count, int) and count >= 1 and isinstance(index, int) and 0 <= index < count
+        ):
+            raise ValueError(
+                f"HostLoader: need 0 <= process_index < process_count, got process_index={index!r}, "
+                f"process_count={count!r}"
+            )
+        if batch_size % count:
+            raise ValueError(
+                f"HostLoader: the global batch_size={batch_size} must be a multiple of process_count={count} "
+                "(each process takes batch_size / process_count contiguous rows)"
+            )
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+            raise ValueError(f"HostLoader: prefetch must be an int >= 0, got {prefetch!r}")
+        self.n, self.batch_size, self.key = int(n), int(batch_size), key
+        self.process_index, self.process_count, self.prefetch = index, count, prefetch
+        self.batches_per_epoch = self.n // self.batch_size
+        share = self.batch_size // count
+        self._rows = slice(index * share, (index + 1) * share)
+        self._orders: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+        self._pending: dict[int, Future] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The global order of ``epoch`` (cached for the current and next epoch)."""
+        with self._lock:
+            got = self._orders.get(epoch)
+        if got is None:
+            got = epoch_order(jax.random.fold_in(self.key, epoch), self.n)
+            with self._lock:
+                self._orders[epoch] = got
+                for e in [e for e in self._orders if e < epoch - 1 or e > epoch + 1]:
+                    del self._orders[e]
+        return got
+
+    def indices(self, step: int) -> np.ndarray:
+        """This process's example indices for ``step``."""
+        epoch, i = divmod(int(step), self.batches_per_epoch)
+        rows = self.order(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
+        return rows[self._rows]
+
+    def _gather(self, step):
+        idx = self.indices(step)
+        return jax.tree_util.tree_map(lambda a: np.take(a, idx, axis=0), self._data)
+
+    def __call__(self, step: int) -> PyTree:
+        step = int(step)
+        if step < 0:
+            raise ValueError(f"HostLoader: step must be >= 0, got {step}")
+        if self._pool is None:
+            return self._gather(step)
+        future = self._pending.pop(step, None)
+        batch = future.result() if future is not None else self._gather(step)
+        for s in [s for s in self._pending if not step < s <= step + self.prefetch]:
+            self._pending.pop(s).cancel()
+        for s in range(step + 1, step + self.prefetch + 1):
+            if s not in self._pending:
+                self._pending[s] = self._pool.submit(self._gather, s)
+        return batch
+
+    def close(self):
+        """Stop the prefetch thread (pending batches are dropped)."""
+        if self._pool is not None:
+            for f in self._pending.values():
+                f.cancel()
+            self._pending.clear()
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
