@@ -341,8 +341,8 @@ class StochasticInterpolant(eqx.Module):
     """x_t = α_t·x₁ + β_t·x₀ + γ_t·z between ``source`` (t = 0) and the data (t = 1); Albergo et al. 2023.
 
     α_t = ``path.alpha(t)``, β_t = ``path.sigma(t)`` and γ_t = ``gamma``. The path must run exactly from the
-    source to the data — α_0 = 0, β_0 = 1, α_1 = 1, β_1 = 0, on the whole of [0, 1] (``t_min`` = 0,
-    ``t_max`` = 1) — which is checked at construction: ``LinearPath`` (default), ``CosinePath``,
+    source to the data — α_0 = 0, β_0 = 1, α_1 = 1, β_1 = 0, with finite α̇, β̇ at both ends (it is
+    integrated over all of [0, 1] in t, whatever the path's ``t_min``/``t_max``) — which is checked at construction: ``LinearPath`` (default), ``CosinePath``,
     ``PolynomialPath(n ≥ 1)``, ``SigmaMinPath(0)``. (``VPPath``/``SubVPPath`` have α_0 ≠ 0, ``SigmaMinPath(σ>0)``
     and ``ICFMPath`` have β_1 ≠ 0 or extra noise: write I-CFM as ``LinearPath`` with ``ConstantGamma(σ)``.)
 
@@ -382,12 +382,14 @@ class StochasticInterpolant(eqx.Module):
                 f"StochasticInterpolant: gamma must be a diffjax.interpolants.AbstractGamma (ZeroGamma, "
                 f"BrownianGamma, ConstantGamma), got {type(gamma).__name__}"
             )
-        if float(path.t_min) != 0.0 or float(path.t_max) != 1.0:
-            raise ValueError(
-                f"StochasticInterpolant: the path must be regular on all of [0, 1] (t = 0 source, t = 1 data), "
-                f"but {type(path).__name__} integrates over [{path.t_min}, {path.t_max}]"
-            )
         if _concrete(path):
+            coeffs = [float(c) for t in (0.0, 1.0) for c in path.coefficients(t)]
+            if not all(math.isfinite(c) for c in coeffs):
+                raise ValueError(
+                    f"StochasticInterpolant: the path must be regular on all of [0, 1] (t = 0 source, t = 1 "
+                    f"data), but {type(path).__name__} has (α, β, α̇, β̇) = {coeffs[:4]} at t = 0 and "
+                    f"{coeffs[4:]} at t = 1"
+                )
             ends = {
                 "alpha_0": (float(path.alpha(0.0)), 0.0),
                 "beta_0": (float(path.sigma(0.0)), 1.0),

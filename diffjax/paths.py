@@ -720,12 +720,16 @@ class PolynomialPath(AbstractPath):
     λ_t = 2(n·log t − log(1 − tⁿ)), λ̇ = 2n/(t(1 − tⁿ)), and the exact inverse tⁿ = sigmoid(λ/2), i.e.
     t = exp(log sigmoid(λ/2)/n). The prior N(0, I) is exact (α_0 = 0, σ_0 = 1).
 
-    For 0 < n < 1, α̇ = n·tⁿ⁻¹ is infinite at the noise end: ``t_min`` = ``t_eps`` (default 1e-5 there, 0 for
-    n ≥ 1); the data end is regular for every n > 0, so ``t_max`` = 1.
+    The noise end: for 0 < n < 1, α̇ = n·tⁿ⁻¹ is infinite at t = 0; for n > 1, α̇ = σ̇ = 0 there, so the velocity
+    vanishes and the linear-path time τ = α/(α + σ) = tⁿ of ``log_likelihood`` (``time="linear"``, the default)
+    has dτ/dt = 0: its field is 0/0 at τ = 0. ``t_min`` = ``t_eps`` = 1e-5 by default for n ≠ 1 (α(t_min) ≤ 1e-5ⁿ,
+    a prior error far below solver tolerances) and 0 for n = 1. The data end is regular for every n > 0, so
+    ``t_max`` = 1. (:class:`~diffjax.interpolants.StochasticInterpolant` integrates over [0, 1] in t itself, where
+    n ≥ 1 is regular.)
 
     Args:
         exponent: n > 0 (a leaf: it can be trained or vmapped; checked at construction when concrete).
-        t_eps: the distance from the noise end to start at (default: 0 for n ≥ 1, 1e-5 for n < 1).
+        t_eps: the distance from the noise end to start at (default: 0 for n = 1, else 1e-5).
 
     Raises:
         ValueError: n ≤ 0, not finite, or t_eps outside [0, 0.5).
@@ -735,7 +739,7 @@ class PolynomialPath(AbstractPath):
     eps: float = eqx.field(static=True, default=0.0)
 
     def __init__(self, exponent: Scalar = 2.0, t_eps: float | None = None):
-        small = False
+        default_eps = 1e-5
         if _concrete(exponent):
             n = float(np.asarray(exponent))
             if not (math.isfinite(n) and n > 0):
@@ -743,9 +747,9 @@ class PolynomialPath(AbstractPath):
                     f"PolynomialPath: exponent must be a finite number > 0 (α_t = t^n, σ_t = 1 − t^n; n = 1 is "
                     f"LinearPath), got exponent={exponent!r}"
                 )
-            small = n < 1
+            default_eps = 0.0 if n == 1.0 else 1e-5
         if t_eps is None:
-            t_eps = 1e-5 if small else 0.0
+            t_eps = default_eps
         if not 0.0 <= float(t_eps) < 0.5:
             raise ValueError(f"PolynomialPath: t_eps must lie in [0, 0.5), got t_eps={t_eps!r}")
         self.exponent = jnp.asarray(exponent, dtype=jnp.result_type(float))

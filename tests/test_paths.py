@@ -18,8 +18,12 @@ import scipy.stats
 from diffjax.paths import (
     CosinePath,
     EDMPath,
+    ICFMPath,
     LinearPath,
     LogSNRPath,
+    PolynomialPath,
+    SigmaMinPath,
+    SubVPPath,
     VEPath,
     VPPath,
     check_time,
@@ -871,3 +875,286 @@ def test_logsnr_path_with_infinite_ends(dtype, request):
     # gradients at the ends are finite (no NaN from the infinite branch leaks through jnp.where)
     grads = jax.jit(jax.vmap(jax.grad(lambda t: path.d_alpha(t) + path.d_sigma_sq(t))))
     assert np.all(np.isfinite(np.asarray(grads(jnp.asarray([0.0, 1.0], dtype)))))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# General affine paths (issue 14): PolynomialPath, SigmaMinPath, ICFMPath, SubVPPath. Every reference is written
+# out below in numpy from the papers' formulas (flow_matching's PolynomialConvexScheduler, Lipman et al. 2023
+# eq. 20, torchcfm's ConditionalFlowMatcher(sigma), score_sde's subVPSDE.marginal_prob); inverses come from a
+# scipy root find of the numpy λ, not from the code's closed forms. t = 0 noise, t = 1 data.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _ref_poly(n):
+    return dict(
+        alpha=lambda t: t**n,
+        sigma=lambda t: 1.0 - t**n,
+        d_alpha=lambda t: n * t ** (n - 1.0),
+        d_sigma=lambda t: -n * t ** (n - 1.0),
+    )
+
+
+def _ref_sigma_min(m):
+    return dict(
+        alpha=lambda t: t,
+        sigma=lambda t: 1.0 - (1.0 - m) * t,
+        d_alpha=lambda t: np.ones_like(t),
+        d_sigma=lambda t: -(1.0 - m) * np.ones_like(t),
+    )
+
+
+def _ref_icfm(sig):
+    # x_t = t·x1 + (1 − t)·x0 + σ·z, x0, z ~ N(0, I): the noise part has std √((1 − t)² + σ²)
+    return dict(
+        alpha=lambda t: t,
+        sigma=lambda t: np.sqrt((1.0 - t) ** 2 + sig**2),
+        d_alpha=lambda t: np.ones_like(t),
+        d_sigma=lambda t: -(1.0 - t) / np.sqrt((1.0 - t) ** 2 + sig**2),
+    )
+
+
+def _ref_subvp(bmin=0.1, bmax=20.0):
+    # score_sde subVPSDE.marginal_prob at s = 1 − t: mean coeff exp(−Γ/2), std 1 − exp(−Γ)
+    def gam(t):
+        s = 1.0 - t
+        return 0.5 * s**2 * (bmax - bmin) + s * bmin
+
+    def beta(t):
+        return bmin + (1.0 - t) * (bmax - bmin)
+
+    return dict(
+        alpha=lambda t: np.exp(-0.5 * gam(t)),
+        sigma=lambda t: 1.0 - np.exp(-gam(t)),
+        d_alpha=lambda t: 0.5 * beta(t) * np.exp(-0.5 * gam(t)),
+        d_sigma=lambda t: -beta(t) * np.exp(-gam(t)),
+        gamma=gam,
+        beta=beta,
+    )
+
+
+NEW_PATHS = {
+    "poly2": (lambda: PolynomialPath(2.0), lambda: _ref_poly(2.0)),
+    "poly_half": (lambda: PolynomialPath(0.5), lambda: _ref_poly(0.5)),
+    "sigma_min": (lambda: SigmaMinPath(0.05), lambda: _ref_sigma_min(0.05)),
+    "icfm": (lambda: ICFMPath(0.3), lambda: _ref_icfm(0.3)),
+    "subvp": (lambda: SubVPPath(0.1, 20.0), _ref_subvp),
+}
+_NEW_METHODS = (
+    "alpha",
+    "sigma",
+    "d_alpha",
+    "d_sigma",
+    "sigma_sq",
+    "d_sigma_sq",
+    "log_snr",
+    "d_log_snr",
+)
+
+
+@jax.jit
+def _new_path_table(path, ts, lams):
+    """Every method of a path at the times ``ts`` (and the inverse at ``lams``) in one program per path class."""
+    out = {m: jax.vmap(getattr(path, m))(ts) for m in _NEW_METHODS}
+    out["inverse"] = jax.vmap(path.t_from_log_snr)(lams)
+    out["d_inverse"] = jax.vmap(jax.grad(path.t_from_log_snr))(lams)
+    out["grad_alpha"] = jax.vmap(jax.grad(path.alpha))(ts)
+    out["grad_sigma"] = jax.vmap(jax.grad(path.sigma))(ts)
+    return out
+
+
+def _np_lam(r):
+    return lambda t: np.log(r["alpha"](t) ** 2 / r["sigma"](t) ** 2)
+
+
+@pytest.mark.parametrize("name", list(NEW_PATHS))
+def test_new_path_closed_forms(name, x64):
+    """α, σ, their derivatives, σ², d(σ²)/dt, λ, λ̇ and the inverse t(λ) against numpy and finite differences."""
+    import scipy.optimize
+
+    factory, ref = NEW_PATHS[name]
+    path, r = factory(), ref()
+    ts = T_INTERIOR
+    lam_np = _np_lam(r)
+    lams = lam_np(ts)
+    got = {
+        k: np.asarray(v)
+        for k, v in _new_path_table(path, jnp.asarray(ts), jnp.asarray(lams)).items()
+    }
+    for m in ("alpha", "sigma", "d_alpha", "d_sigma"):
+        np.testing.assert_allclose(got[m], r[m](ts), rtol=1e-11, atol=1e-14, err_msg=m)
+    for m in ("alpha", "sigma"):
+        np.testing.assert_allclose(got["d_" + m], _fd(r[m], ts), rtol=1e-6, err_msg=m)
+        np.testing.assert_allclose(got["grad_" + m], r["d_" + m](ts), rtol=1e-10, err_msg=m)
+    np.testing.assert_allclose(got["sigma_sq"], r["sigma"](ts) ** 2, rtol=1e-11)
+    np.testing.assert_allclose(got["d_sigma_sq"], _fd(lambda t: r["sigma"](t) ** 2, ts), rtol=1e-6)
+    np.testing.assert_allclose(got["log_snr"], lams, rtol=1e-11, atol=1e-12)
+    assert np.all(np.diff(got["log_snr"]) > 0), "λ must increase in t (t = 0 noise, t = 1 data)"
+    np.testing.assert_allclose(got["d_log_snr"], _fd(lam_np, ts), rtol=1e-6)
+    # the inverse: a scipy root find of the numpy λ, and dt/dλ = 1/λ̇
+    roots = [
+        scipy.optimize.brentq(lambda t, y=y: lam_np(t) - y, 1e-9, 1 - 1e-9, xtol=1e-15)
+        for y in lams
+    ]
+    np.testing.assert_allclose(got["inverse"], roots, atol=1e-10)
+    np.testing.assert_allclose(got["inverse"], ts, atol=1e-10)
+    np.testing.assert_allclose(got["d_inverse"], 1.0 / _fd(lam_np, ts), rtol=1e-6)
+    # eager agrees with the compiled table
+    np.testing.assert_allclose(float(path.d_sigma(0.3)), r["d_sigma"](0.3), rtol=1e-11)
+
+
+def test_new_path_ends_priors_and_clipping(x64):
+    """Endpoint values, default intervals, priors (I-CFM's x_0 ~ N(0, (1 + σ²) I)) and the clipped inverse."""
+    p2, ph, sm, ic, sv = (f() for f, _ in NEW_PATHS.values())
+    for p, (a0, s0, a1, s1) in [
+        (p2, (0.0, 1.0, 1.0, 0.0)),
+        (sm, (0.0, 1.0, 1.0, 0.05)),
+        (ic, (0.0, math.sqrt(1.09), 1.0, 0.3)),
+        (sv, (math.exp(-0.5 * 10.05), 1.0 - math.exp(-10.05), 1.0, 0.0)),
+    ]:
+        got = [float(p.alpha(0.0)), float(p.sigma(0.0)), float(p.alpha(1.0)), float(p.sigma(1.0))]
+        np.testing.assert_allclose(
+            got, [a0, s0, a1, s1], rtol=1e-12, atol=1e-15, err_msg=type(p).__name__
+        )
+        assert np.isfinite(float(p.d_sigma(1.0))) and np.isfinite(float(p.d_alpha(0.0)))
+    assert (p2.t_min, p2.t_max, ph.t_min, ph.t_max, sv.t_max) == (1e-5, 1.0, 1e-5, 1.0, 1.0)
+    assert PolynomialPath(1.0).t_min == 0.0
+    assert float(ic.prior.scale) == pytest.approx(math.sqrt(1 + 0.09), rel=1e-14)
+    assert all(float(p.prior.scale) == 1.0 for p in (p2, ph, sm, sv))
+    # sub-VP's data end is regular: σ̇_1 = −β_min (VP's is −∞)
+    np.testing.assert_allclose(float(sv.d_sigma(1.0)), -0.1, rtol=1e-12)
+    for p in (p2, ph, sm, ic, sv):
+        lo, hi = float(p.t_from_log_snr(-1e4)), float(p.t_from_log_snr(1e4))
+        assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(1.0, abs=1e-12), type(
+            p
+        ).__name__
+
+
+def test_subvp_diffusion_is_score_sde(x64):
+    """g² = σ²λ̇ of the reverse SDE is score_sde's sub-VP diffusion β(s)(1 − e^{−2Γ(s)})."""
+    from diffjax.fields import ForwardSDEDiffusion
+
+    r = _ref_subvp()
+    g = jax.vmap(ForwardSDEDiffusion(SubVPPath()))(jnp.asarray(T_INTERIOR))
+    want = r["beta"](T_INTERIOR) * (1.0 - np.exp(-2.0 * r["gamma"](T_INTERIOR)))
+    np.testing.assert_allclose(np.asarray(g) ** 2, want, rtol=1e-10)
+
+
+def test_new_path_parameters_grad_vmap_no_recompile(x64):
+    """Parameters are leaves: grad vs finite differences of the numpy forms, vmap over them, one trace."""
+    t = 0.4
+    checks = [
+        (lambda v: PolynomialPath(v).sigma(t), lambda v: _ref_poly(v)["sigma"](t), 2.5),
+        (lambda v: SigmaMinPath(v).log_snr(t), lambda v: _np_lam(_ref_sigma_min(v))(t), 0.05),
+        (lambda v: ICFMPath(v).sigma(t), lambda v: _ref_icfm(v)["sigma"](t), 0.3),
+        (lambda v: SubVPPath(v, 20.0).sigma(t), lambda v: _ref_subvp(v)["sigma"](t), 0.1),
+        (lambda v: ICFMPath(v).t_from_log_snr(0.5), None, 0.3),
+    ]
+    for f, ref, v in checks:
+        g = float(jax.grad(f)(v))
+        if (
+            ref is None
+        ):  # dt/dσ at fixed λ by finite differences of the code's inverse (implicit function)
+            fd = (float(f(v + 1e-6)) - float(f(v - 1e-6))) / 2e-6
+        else:
+            fd = (ref(v + 1e-6) - ref(v - 1e-6)) / 2e-6
+        np.testing.assert_allclose(g, fd, rtol=1e-6)
+    vs = jnp.asarray([0.1, 0.2, 0.4])
+    np.testing.assert_allclose(
+        np.asarray(jax.vmap(lambda v: ICFMPath(v).sigma(t))(vs)),
+        [_ref_icfm(float(v))["sigma"](t) for v in vs],
+        rtol=1e-12,
+    )
+    traces = []
+
+    @jax.jit
+    def f(path, t):
+        traces.append(1)
+        return path.alpha(t) + path.d_sigma_sq(t) + path.t_from_log_snr(path.log_snr(t))
+
+    for s in (0.1, 0.2, 0.5):
+        f(ICFMPath(s), jnp.asarray(0.3))
+    assert len(traces) == 1
+
+
+def test_new_path_bad_arguments():
+    for make, arg in [
+        (lambda: PolynomialPath(0.0), "exponent"),
+        (lambda: PolynomialPath(-1.0), "exponent"),
+        (lambda: PolynomialPath(float("nan")), "exponent"),
+        (lambda: SigmaMinPath(1.0), "sigma_min"),
+        (lambda: SigmaMinPath(-0.1), "sigma_min"),
+        (lambda: ICFMPath(0.0), "sigma"),
+        (lambda: ICFMPath(-0.2), "sigma"),
+        (lambda: SubVPPath(20.0, 0.1), "beta_min"),
+        (lambda: SubVPPath(0.1, 20.0, t_eps=0.7), "t_eps"),
+    ]:
+        with pytest.raises(ValueError, match=arg):
+            make()
+    # negative control: the edges of the valid ranges are accepted
+    PolynomialPath(1e-3), SigmaMinPath(0.0), ICFMPath(1e-6), SubVPPath(0.1, 0.2)
+
+
+# --- the new paths through conversions, samplers and likelihoods, against the Gaussian-mixture oracle ----------
+_W = np.array([0.4, 0.6])
+_MU = np.array([[-1.0, 0.5], [1.5, -0.5]])
+_S2 = np.array([[0.3, 0.2], [0.1, 0.4]])
+
+
+def _np_mixture(path_ref, t, x):
+    """(log p_t(x), u_t(x)) of the mixture data on a path, written out in numpy/scipy (formula sheet §6.1)."""
+    a, s = path_ref["alpha"](t), path_ref["sigma"](t)
+    da, ds = path_ref["d_alpha"](t), path_ref["d_sigma"](t)
+    c = a**2 * _S2 + s**2
+    logj = np.log(_W) + np.array(
+        [scipy.stats.multivariate_normal(a * _MU[k], np.diag(c[k])).logpdf(x) for k in range(2)]
+    )
+    r = np.exp(logj - scipy.special.logsumexp(logj))
+    uk = da * _MU + (a * da * _S2 + s * ds) / c * (x - a * _MU)
+    return scipy.special.logsumexp(logj), r @ uk
+
+
+def _kind_to_velocity(mix, path, kind, t, x):
+    from diffjax.targets import convert
+
+    return convert(mix.predict(kind, path, t, x), src=kind, dst="velocity", path=path, t=t, x_t=x)
+
+
+@pytest.mark.parametrize("name", ["poly2", "sigma_min", "icfm", "subvp"])
+def test_new_paths_convert_sample_likelihood(name, x64):
+    """Every kind converts to the numpy velocity; the exact likelihood of the oracle's velocity is the numpy
+    log p_{t1}; DPM-Solver++(2M)'s sample, run back by the likelihood's solve, returns to its start."""
+    import equinox as eqx
+
+    from diffjax import GaussianMixture, log_likelihood_with_stats, sample, velocity_field
+
+    factory, ref = NEW_PATHS[name]
+    path, r = factory(), ref()
+    mix = GaussianMixture(_W, _MU, _S2)
+    x = jnp.asarray([0.3, -0.2])
+    for t in (0.3,):
+        _, u_np = _np_mixture(r, t, np.asarray(x))
+        for kind in ("eps", "data", "v", "score", "velocity"):
+            got = np.asarray(_kind_to_velocity(mix, path, kind, t, x))
+            np.testing.assert_allclose(got, u_np, rtol=1e-9, atol=1e-10, err_msg=kind)
+    # DPM-Solver++(2M) from x0 on a velocity-model; its sample goes into the likelihood's backward solve
+    key = jax.random.PRNGKey(0)
+    x0 = jnp.asarray([0.7, -1.1]) * path.prior.scale
+    got = sample(
+        "dpmpp_2m", mix.model("velocity", path), "velocity", path, key, num_steps=64, x0=x0
+    )
+    assert int(got.nfe) == 64
+    # exact likelihood, default time variable, exact p_{t0} as the prior (sub-VP's α_0 ≠ 0)
+    t0, t1 = float(path.t_min), float(path.t_max)
+    u = velocity_field(mix.model("velocity", path), "velocity", path)
+    prior = eqx.Partial(mix.marginal_log_prob, path, jnp.asarray(t0))
+    xs = jnp.stack([jnp.asarray([0.3, -0.2]), jnp.asarray([-1.2, 0.9]), got.samples])
+    res = jax.vmap(
+        lambda x: log_likelihood_with_stats(u, path, x, prior_log_prob=prior, rtol=1e-9, atol=1e-9)
+    )(xs)
+    want = np.array([_np_mixture(r, t1, np.asarray(x))[0] for x in xs])
+    np.testing.assert_allclose(np.asarray(res.log_prob), want, atol=1e-4)
+    # the ODE run backwards from the sampler's output returns to the sampler's start (second-order sampler)
+    np.testing.assert_allclose(np.asarray(res.x0[2]), np.asarray(x0), atol=0.02)
+    assert (
+        np.max(np.abs(np.asarray(res.x0[0]) - np.asarray(x0))) > 0.1
+    )  # control: another point does not
