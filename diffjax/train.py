@@ -36,9 +36,10 @@ devices against 1 to rtol 1e-5). The global batch size must be divisible by the 
 
 Multi-host (several processes, each with its own devices)
 ---------------------------------------------------------
-1. Call :func:`initialize_distributed` (``jax.distributed.initialize()``) first, before any other JAX call.
-   It does so only when the environment says the job is multi-process (``JAX_COORDINATOR_ADDRESS``, or SLURM /
-   Open MPI with more than one task); on one host it does nothing.
+1. Call :func:`initialize_distributed` first, before any other JAX call. It starts ``jax.distributed`` when the
+   environment describes a multi-process job (``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES`` +
+   ``JAX_PROCESS_ID``, SLURM's ``srun``, Open MPI 5/PMIx with ``JAX_COORDINATOR_ADDRESS``, Cloud TPU VMs; see
+   :mod:`diffjax.distributed`), is a no-op on one process and may be called again. ``diffjax train`` calls it.
 2. ``make_mesh()`` then spans the devices of all hosts (``jax.devices()`` is global).
 3. Each host loads only ITS share of the global batch: ``global_batch_size / jax.process_count()`` examples,
    e.g. ``batch_fn(step)`` slicing rows ``[process_index·n_local, (process_index+1)·n_local)`` of the step's
@@ -67,6 +68,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from . import data as data_lib
+from .distributed import distributed_kwargs, initialize_distributed
 
 __all__ = [
     "TrainConfig",
@@ -85,6 +87,7 @@ __all__ = [
     "shard_batch",
     "shard_batches",
     "initialize_distributed",
+    "distributed_kwargs",
     "dataset_batch_fn",
     "fit",
     "NonFiniteStateError",
@@ -469,22 +472,6 @@ def stack_batches(batches) -> PyTree:
 # ----------------------------------------------------------------------------------------------------------
 # Data parallelism
 # ----------------------------------------------------------------------------------------------------------
-
-
-def initialize_distributed() -> bool:
-    """Call ``jax.distributed.initialize()`` when the environment describes a multi-process job.
-
-    Multi-process means ``JAX_COORDINATOR_ADDRESS`` is set, or SLURM (``SLURM_NTASKS``) / Open MPI
-    (``OMPI_COMM_WORLD_SIZE``) report more than one task. Must run before any other JAX call. Returns whether
-    it initialised. On one host it does nothing (and returns False).
-    """
-    env = os.environ
-    multi = bool(env.get("JAX_COORDINATOR_ADDRESS")) or any(
-        int(env.get(name, "1") or 1) > 1 for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
-    )
-    if multi:
-        jax.distributed.initialize()
-    return multi
 
 
 def make_mesh(devices=None) -> Mesh:

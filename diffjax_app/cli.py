@@ -507,6 +507,12 @@ def main(argv: list[str] | None = None) -> int:
             startup.pause_gc()
             stack.callback(startup.resume_gc)
         try:
+            if args.command == "train":
+                # a multi-process job (srun, mpirun, JAX_COORDINATOR_ADDRESS, a TPU pod) starts JAX's distributed
+                # runtime before anything touches a device; one process: nothing happens
+                from diffjax.distributed import initialize_distributed  # noqa: PLC0415
+
+                initialize_distributed()
             cache = _configure_cache(args, sub)
             # The runners solve with throw=False and check each solve's status on the host, so their compiled
             # programs hold no host callback and the persistent cache stores them.

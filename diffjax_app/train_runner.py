@@ -138,6 +138,7 @@ def run_train(
     run's config and a run may be resumed with another K). Returns the ``train`` section of ``metrics.json``.
     """
     t_start = time.perf_counter() if t_start is None else t_start
+    train.initialize_distributed()  # multi-process jobs: before any device is used (idempotent; the CLI did it)
     workdir = make_run_dir(workdir)
     with ckpt.workdir_lock(workdir):  # first: a second writer is refused before any other work
         config = config.resolved()
