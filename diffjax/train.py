@@ -32,7 +32,12 @@ Data parallelism
 first axis over that axis (``NamedSharding(mesh, P("data"))``) and the train state is replicated
 (``NamedSharding(mesh, P())``). The jitted step is compiled with these shardings; XLA inserts the all-reduce of
 the gradients. The result is the same as on one device up to float summation order (the tests check 8 CPU
-devices against 1 to rtol 1e-5). The global batch size must be divisible by the number of devices.
+devices against 1 to rtol 1e-5). The global batch size must be divisible by the number of devices. A mesh from
+``jax.make_mesh`` (Explicit axes, JAX 0.10's default) works as well and gives the same numbers bit for bit: the
+step's body runs with the axes as Auto axes (``jax.sharding.auto_axes``), its inputs and outputs keep the mesh's
+shardings. ``fit(..., fsdp_axis="data")`` shards parameters, EMA and optimizer state over that axis instead of
+replicating them (:func:`state_sharding`, :func:`fsdp_sharding`; same numbers to ~1e-7, checkpoints restore
+into the same layout).
 
 Multi-host (several processes, each with its own devices)
 ---------------------------------------------------------
@@ -40,13 +45,18 @@ Multi-host (several processes, each with its own devices)
    environment describes a multi-process job (``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES`` +
    ``JAX_PROCESS_ID``, SLURM's ``srun``, Open MPI 5/PMIx with ``JAX_COORDINATOR_ADDRESS``, Cloud TPU VMs; see
    :mod:`diffjax.distributed`), is a no-op on one process and may be called again. ``diffjax train`` calls it.
-2. ``make_mesh()`` then spans the devices of all hosts (``jax.devices()`` is global).
-3. Each host loads only ITS share of the global batch: ``global_batch_size / jax.process_count()`` examples,
-   e.g. ``batch_fn(step)`` slicing rows ``[process_index·n_local, (process_index+1)·n_local)`` of the step's
-   global batch. :func:`shard_batch` then assembles the global array with
-   ``jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local_batch)``.
+2. ``make_mesh()`` then spans the devices of all hosts (``jax.devices()`` is global, ordered by process).
+3. Every process runs the same :func:`fit`. ``batch_fn(s)`` returns either the global batch of B rows (the
+   same on every process, e.g. :func:`dataset_batch_fn`; each process keeps its rows) or the process's share:
+   process i of P holds the contiguous rows [i·B/P, (i+1)·B/P) of step s's global batch (:func:`process_rows`).
+   :func:`shard_batch` assembles the global array with ``jax.make_array_from_process_local_data`` and refuses
+   any other number of rows. t and ε are drawn per row of the GLOBAL batch (key r for row r, whatever device
+   holds it), so no two devices draw the same noise and the run equals one process on the same global batches
+   (tests: 2 processes x 2 devices against 1 x 4, to 1e-6); folding the process or device index into the keys
+   would instead tie the trajectory to the topology.
 4. Checkpoints: every process calls ``save``/``restore`` (orbax coordinates them; the workdir must be on a
-   shared file system); only process 0 writes ``config.json``.
+   shared file system); only process 0 writes ``config.json``. A resumed run continues every stream exactly:
+   the state is restored into the same shardings, the keys and the data are functions of the step.
 """
 
 from __future__ import annotations
@@ -64,7 +74,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from . import data as data_lib
@@ -88,6 +98,9 @@ __all__ = [
     "shard_batches",
     "initialize_distributed",
     "distributed_kwargs",
+    "fsdp_sharding",
+    "state_sharding",
+    "process_rows",
     "dataset_batch_fn",
     "fit",
     "NonFiniteStateError",
@@ -334,6 +347,7 @@ def make_train_step(
     loss_fn: Callable | None = None,
     donate: bool = True,
     ema_warmup: bool = True,
+    state_sharding: PyTree | None = None,
 ) -> Callable[[TrainState, PyTree], tuple[TrainState, dict[str, Array]]]:
     """A jitted pure ``train_step(state, batch) -> (new_state, metrics)``.
 
@@ -353,29 +367,62 @@ def make_train_step(
         optimizer: from :func:`make_optimizer` (or any optax transformation).
         ema_decay: β, the largest decay of the parameter EMA.
         schedule: the learning-rate schedule reported in ``metrics["lr"]`` (NaN if not given).
-        mesh: if given, the step is compiled for state replicated and batch split over ``mesh``'s ``"data"``
-            axis (see :func:`replicate`, :func:`shard_batch`); otherwise shardings follow the inputs.
+        mesh: if given, the step is compiled for state replicated (or laid out by ``state_sharding``) and batch
+            split over ``mesh``'s ``"data"`` axis (see :func:`replicate`, :func:`shard_batch`); otherwise
+            shardings follow the inputs. Axes of either type (``jax.make_mesh``'s default Explicit, or Auto) are
+            accepted: the step's body runs with the mesh's axes as Auto axes (``jax.sharding.auto_axes``), its
+            inputs and outputs keep ``mesh``'s shardings, and the numbers are those of an Auto mesh.
         loss_fn: ``loss_fn(objective, fn, batch, key) -> scalar``; default ``diffjax.losses.batch_loss``.
         donate: donate the input state's buffers (the old state is unusable after the call).
         ema_warmup: use β_s = min(β, (1 + s)/(10 + s)) (default); False: a constant β_s = β, which leaves the
             weight β^s on the initial parameters (0.22 after 1,500 steps at β = 0.999).
+        state_sharding: with ``mesh``, the shardings of the state (a ``NamedSharding`` for all of it, or a
+            PyTree of them matching the state, e.g. :func:`state_sharding` with ``fsdp_axis``); default
+            replicated. Input and output states have this layout.
 
     Metrics: ``loss`` (L before the update), ``grad_norm`` (‖g‖₂ before clipping), ``lr`` (η(s)).
     """
     step_fn = _step_fn(
         "make_train_step", apply, objective, optimizer, ema_decay, schedule, loss_fn, ema_warmup
     )
-    return _jit_step(step_fn, mesh, donate, PartitionSpec("data"))
+    return _jit_step(step_fn, mesh, donate, PartitionSpec("data"), state_sharding)
 
 
-def _jit_step(fn, mesh, donate, batch_spec):
-    """``fn(state, batch)`` jitted with the state donated (if ``donate``) and, with ``mesh``, the state replicated
-    and the batch sharded by ``batch_spec``."""
+def _jit_step(fn, mesh, donate, batch_spec, state_sharding=None):
+    """``fn(state, batch)`` jitted with the state donated (if ``donate``) and, with ``mesh``, the state laid out by
+    ``state_sharding`` (default replicated) and the batch sharded by ``batch_spec``."""
     kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
     if mesh is not None:
         rep, data = _replicated(mesh), NamedSharding(mesh, batch_spec)
-        kwargs.update(in_shardings=(rep, data), out_shardings=(rep, rep))
+        state_sh = rep if state_sharding is None else state_sharding
+        kwargs.update(in_shardings=(state_sh, data), out_shardings=(state_sh, rep))
+        fn = _with_auto_axes(fn, mesh, state_sh)
     return jax.jit(fn, **kwargs)
+
+
+def _explicit_axes(mesh: Mesh) -> tuple[str, ...]:
+    types = getattr(mesh, "axis_types", None) or ()
+    return tuple(n for n, t in zip(mesh.axis_names, types, strict=True) if t == AxisType.Explicit)
+
+
+def _with_auto_axes(fn, mesh: Mesh, state_sh):
+    """``fn`` unchanged on an Auto mesh; on a mesh with Explicit axes (``jax.make_mesh``'s default) its body runs
+    with those axes turned Auto (``jax.sharding.auto_axes``): the step is a data-parallel program whose layout is
+    fixed at its boundary (in/out shardings), and inside it XLA's propagation places the all-reduce exactly as
+    on an Auto mesh (same numbers). Per-example code under an Explicit mesh would otherwise need every vmapped
+    operand sharded alike (``Mapped away dimension ... should be sharded the same``)."""
+    axes = _explicit_axes(mesh)
+    if not axes:
+        return fn
+    state_specs = jax.tree.map(lambda sh: sh.spec, state_sh)
+
+    def wrapped(state, batch):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return jax.sharding.auto_axes(
+                fn, axes=axes, out_sharding=(state_specs, PartitionSpec())
+            )(state, batch)
+
+    return wrapped
 
 
 def _step_fn(caller, apply, objective, optimizer, ema_decay, schedule, loss_fn, ema_warmup):
@@ -419,6 +466,7 @@ def make_multi_step(
     loss_fn: Callable | None = None,
     donate: bool = True,
     ema_warmup: bool = True,
+    state_sharding: PyTree | None = None,
 ) -> Callable[[TrainState, PyTree], tuple[TrainState, dict[str, Array]]]:
     """A jitted ``multi_step(state, batches) -> (new_state, metrics)``: K optimizer steps in ONE dispatch.
 
@@ -448,7 +496,7 @@ def make_multi_step(
     def multi_step_fn(state: TrainState, batches):
         return jax.lax.scan(step_fn, state, batches)
 
-    return _jit_step(multi_step_fn, mesh, donate, PartitionSpec(None, "data"))
+    return _jit_step(multi_step_fn, mesh, donate, PartitionSpec(None, "data"), state_sharding)
 
 
 def stack_batches(batches) -> PyTree:
@@ -475,7 +523,12 @@ def stack_batches(batches) -> PyTree:
 
 
 def make_mesh(devices=None) -> Mesh:
-    """A 1-D mesh with axis ``"data"`` over ``devices`` (default: all of ``jax.devices()``, all hosts)."""
+    """A 1-D mesh with axis ``"data"`` over ``devices`` (default: all of ``jax.devices()``, all hosts).
+
+    Its axis is Auto. A mesh from ``jax.make_mesh((n,), ("data",))`` (Explicit axes, JAX 0.10's default) works
+    in :func:`fit` and the step programs as well and gives the same numbers. ``jax.devices()`` lists the
+    devices by process, so process i owns the rows [i·B/P, (i+1)·B/P) of a batch of B rows on P processes.
+    """
     devices = jax.devices() if devices is None else list(devices)
     if not devices:
         raise ValueError("make_mesh: devices is empty")
@@ -486,48 +539,165 @@ def _replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def _place(tree: PyTree, sharding) -> PyTree:
+    # device_put(..., may_alias=False) still aliases the local shard on a multi-device mesh (jax 0.10), so copy.
+    return jax.device_put(jax.tree.map(jnp.copy, tree), sharding)
+
+
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     """Copies of the leaves of ``tree`` on every device of ``mesh`` (``NamedSharding(mesh, P())``).
 
     Always copies (never aliases the input buffers), so donating the result to the train step leaves ``tree``
     usable.
     """
-    # device_put(..., may_alias=False) still aliases the local shard on a multi-device mesh (jax 0.10), so copy.
-    return jax.device_put(jax.tree.map(jnp.copy, tree), _replicated(mesh))
+    return _place(tree, _replicated(mesh))
 
 
-def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
+def fsdp_sharding(tree: PyTree, mesh: Mesh, axis: str = "data") -> PyTree:
+    """Fully-sharded-data-parallel layout of ``tree`` (arrays or ``jax.ShapeDtypeStruct``) over ``mesh``'s ``axis``.
+
+    Each leaf is split over ``axis`` along its LARGEST dimension divisible by the axis size n (the first such
+    one on ties), e.g. a (256, 512) kernel on n = 4 → ``P(None, "data")``; a leaf with no dimension divisible
+    by n (a scalar, a bias of 10) is replicated (``P()``). The rule depends only on shapes, so parameters, their
+    EMA and Adam's moments (same shapes) get the same layout. Returns a PyTree of ``NamedSharding``.
+    """
+    if axis not in mesh.axis_names:
+        raise ValueError(
+            f"fsdp_sharding: axis={axis!r} is not an axis of the mesh (axes {tuple(mesh.axis_names)}); pass one "
+            "of them, e.g. fsdp_axis='data'"
+        )
+    n = int(mesh.shape[axis])
+
+    def one(leaf):
+        shape = tuple(np.shape(leaf))
+        dims = [d for d, size in enumerate(shape) if size >= n and size % n == 0]
+        if n == 1 or not dims:
+            return _replicated(mesh)
+        d = max(dims, key=lambda d: (shape[d], -d))
+        return NamedSharding(
+            mesh, PartitionSpec(*[axis if k == d else None for k in range(len(shape))])
+        )
+
+    return jax.tree.map(one, tree)
+
+
+def state_sharding(state: TrainState, mesh: Mesh, fsdp_axis: str | None = None) -> PyTree:
+    """The shardings of a :class:`TrainState` (arrays or ``jax.eval_shape`` of one) on ``mesh``.
+
+    ``fsdp_axis=None``: everything replicated (one ``NamedSharding(mesh, P())``, data parallelism). With an axis
+    name: params, EMA params and the optimizer state laid out by :func:`fsdp_sharding` over that axis (each
+    device holds about 1/n of them; XLA gathers the parameters for the forward pass and reduce-scatters the
+    gradients), ``step`` and ``key`` replicated. Pass the result to :func:`make_train_step`'s
+    ``state_sharding``; :func:`fit` does this for ``fsdp_axis``.
+    """
+    rep = _replicated(mesh)
+    if fsdp_axis is None:
+        return rep
+    return TrainState(
+        params=fsdp_sharding(state.params, mesh, fsdp_axis),
+        opt_state=fsdp_sharding(state.opt_state, mesh, fsdp_axis),
+        ema_params=fsdp_sharding(state.ema_params, mesh, fsdp_axis),
+        step=rep,
+        key=rep,
+    )
+
+
+def shard_batch(batch: PyTree, mesh: Mesh, *, global_batch_size: int | None = None) -> PyTree:
     """Split ``batch`` along its first axis over ``mesh``'s ``"data"`` axis (``NamedSharding(mesh, P("data"))``).
 
-    On one process ``batch`` is the global batch. With several processes it is this process's share and the
-    global array is assembled with ``jax.make_array_from_process_local_data``. The (global) leading size must
-    be divisible by the number of devices.
+    On one process ``batch`` is the global batch. With P processes, each process passes either
+
+    * the GLOBAL batch (the same B rows on every process, e.g. from :func:`dataset_batch_fn`): the process
+      keeps the rows it owns (:func:`process_rows`), or
+    * ITS SHARE: the contiguous rows [i·B/P, (i+1)·B/P) of the global batch on process i (B/P rows),
+
+    and the global array is assembled with ``jax.make_array_from_process_local_data``. Which one is told by the
+    number of rows when ``global_batch_size`` = B is given (:func:`fit` gives ``config.batch_size``; another
+    size is a ``ValueError``); without it the rows are taken as the share. The layout matters: each row's t and
+    ε are drawn by its position in the global batch, so a share of other rows trains on another trajectory; a
+    share whose rows the mesh does not place on this process is refused. B must be divisible by the number of
+    devices.
     """
-    return _shard(batch, mesh, PartitionSpec("data"), "shard_batch")
+    return _shard(batch, mesh, PartitionSpec("data"), "shard_batch", global_batch_size)
 
 
-def shard_batches(batches: PyTree, mesh: Mesh) -> PyTree:
+def shard_batches(batches: PyTree, mesh: Mesh, *, global_batch_size: int | None = None) -> PyTree:
     """:func:`shard_batch` for K stacked batches (:func:`stack_batches`): split along the batch axis, axis 1
     (``P(None, "data")``); the leading steps axis is not split (every device runs all K steps)."""
-    return _shard(batches, mesh, PartitionSpec(None, "data"), "shard_batches")
+    return _shard(batches, mesh, PartitionSpec(None, "data"), "shard_batches", global_batch_size)
 
 
-def _shard(tree: PyTree, mesh: Mesh, spec: PartitionSpec, caller: str) -> PyTree:
+def process_rows(mesh: Mesh, global_batch_size: int, process_index: int | None = None) -> slice:
+    """The rows ``[lo, hi)`` of a global batch of ``global_batch_size`` rows that ``mesh`` places on the devices
+    of process ``process_index`` (default: this process) when the batch is split over ``"data"``.
+
+    For :func:`make_mesh` (devices in ``jax.devices()`` order, grouped by process) it is
+    ``slice(i·B/P, (i+1)·B/P)``. Raises ``ValueError`` if the process's rows are not one contiguous block.
+    """
+    i = jax.process_index() if process_index is None else process_index
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    rows = set()
+    for device, index in sharding.devices_indices_map((global_batch_size,)).items():
+        if device.process_index == i:
+            rows.update(range(global_batch_size)[index[0]])
+    lo, hi = (min(rows), max(rows) + 1) if rows else (0, 0)
+    if len(rows) != hi - lo:
+        raise ValueError(
+            f"process_rows: the mesh places non-contiguous rows of the batch on process {i}; build the mesh with "
+            "the devices in jax.devices() order (diffjax.train.make_mesh or jax.make_mesh)"
+        )
+    return slice(lo, hi)
+
+
+def _shard(tree: PyTree, mesh: Mesh, spec: PartitionSpec, caller: str, global_n=None) -> PyTree:
     sharding = NamedSharding(mesh, spec)
     axis = len(spec) - 1  # the axis split over "data"
     n_dev = mesh.devices.size
-    multi = jax.process_count() > 1
+    n_proc = jax.process_count()
+    multi = n_proc > 1
+    leaves = jax.tree.leaves(tree)
+    sizes = {np.shape(x)[axis] for x in leaves}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"{caller}: the leaves of the batch have different numbers of rows {sorted(sizes)}"
+        )
+    n_rows = sizes.pop() if sizes else 0
+    rows = None
+    if multi:
+        if global_n is not None and n_rows == global_n:
+            rows = process_rows(mesh, global_n)  # the global batch: keep this process's rows
+            n = global_n
+        elif global_n is not None and n_rows * n_proc != global_n:
+            raise ValueError(
+                f"{caller}: process {jax.process_index()} of {n_proc} got {n_rows} rows; pass the global batch "
+                f"({global_n} rows, the same on every process) or this process's share ({global_n} / {n_proc} "
+                f"= {global_n / n_proc:g} rows: rows [i·B/P, (i+1)·B/P) on process i)"
+            )
+        else:
+            n = n_rows * n_proc
+            mine = process_rows(mesh, n)
+            i = jax.process_index()
+            if (mine.start, mine.stop) != (i * n_rows, (i + 1) * n_rows):
+                raise ValueError(
+                    f"{caller}: the mesh places rows [{mine.start}, {mine.stop}) of the global batch on process "
+                    f"{i}, not its share [{i * n_rows}, {(i + 1) * n_rows}); pass the global batch instead "
+                    "(or build the mesh with devices in jax.devices() order)"
+                )
+    else:
+        n = n_rows
+    if n % n_dev:
+        raise ValueError(
+            f"{caller}: the global batch size {n} is not divisible by the {n_dev} devices of the "
+            "mesh; choose batch_size as a multiple of the device count"
+        )
 
     def put(x):
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
-        n = x.shape[axis] * (jax.process_count() if multi else 1)
-        if n % n_dev:
-            raise ValueError(
-                f"{caller}: the global batch size {n} is not divisible by the {n_dev} devices of the "
-                "mesh; choose batch_size as a multiple of the device count"
-            )
         if multi:
-            return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+            x = np.asarray(x)
+            if rows is not None:
+                x = x[(slice(None),) * axis + (rows,)]
+            return jax.make_array_from_process_local_data(sharding, x)
         return jax.device_put(x, sharding)
 
     return jax.tree.map(put, tree)
@@ -704,13 +874,30 @@ def fit(
     loss_fn: Callable | None = None,
     extra_config: Mapping[str, Any] | None = None,
     steps_per_dispatch: int = 1,
+    fsdp_axis: str | None = None,
 ) -> tuple[TrainState, dict[str, list]]:
     """Train ``apply`` from ``params`` on ``objective`` for ``config.total_steps`` steps; resumable.
 
-    Each step s calls ``batch_fn(s)`` for the GLOBAL batch (or this host's share on multi-host) — it must be a
+    Each step s calls ``batch_fn(s)`` for the GLOBAL batch of ``config.batch_size`` = B rows — it must be a
     deterministic function of s (e.g. :func:`dataset_batch_fn`, or ``lambda s: toy_sample(name,
     fold_in(key, s), n)``), so a resumed run sees the same data. The step's t and ε come from
-    ``fold_in(key(seed), s)`` (t = 0 noise, t = 1 data).
+    ``fold_in(key(seed), s)`` (t = 0 noise, t = 1 data), split into one key per row of the global batch.
+
+    Several processes (after :func:`initialize_distributed`): every process runs the same ``fit``, and
+    ``batch_fn(s)`` returns on each either the global batch (fit keeps the process's rows) or the process's
+    share, the contiguous rows [i·B/P, (i+1)·B/P) of the global batch on process i of P (B/P rows); any other
+    number of rows is a ``ValueError`` (:func:`shard_batch`). Row r of the global batch draws its t and ε from
+    key r whatever device holds it, so no two devices draw the same noise, and the trajectory is that of one
+    process on the same global batches (the tests check 2 processes against 1 to 1e-6). Resuming restores
+    the state (orbax, every process) and the streams are functions of the step: a resumed run continues
+    every one exactly. The workdir must be on a file system shared by the processes.
+
+    ``mesh``: default :func:`make_mesh` (all devices, axis ``"data"``). A mesh from ``jax.make_mesh`` (Explicit
+    axes) or with Auto axes; its ``"data"`` axis splits the batch. ``fsdp_axis`` (e.g. ``"data"``): shard the
+    parameters, the EMA and the optimizer state over that mesh axis (:func:`state_sharding`; each leaf on its
+    largest dimension divisible by the axis size, else replicated) instead of replicating them: about 1/n of
+    the state per device, same numbers up to float summation order; checkpoints restore into the same
+    layout. Default None: replicated.
 
     With ``workdir``: the run holds the workdir's one-writer lock (``diffjax.checkpoint.workdir_lock``; a second
     writer fails at once with ``WorkdirLockedError``); if it holds a checkpoint, training resumes from the newest
@@ -774,10 +961,12 @@ def fit(
         def init():
             return init_state(params, optimizer, jax.random.key(config.seed))
 
-        state_sharding = _replicated(mesh)
+        shapes = jax.eval_shape(init)
+        state_sh = state_sharding(shapes, mesh, fsdp_axis)
         abstract = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=state_sharding),
-            jax.eval_shape(init),
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            shapes,
+            jax.tree.map(lambda _: state_sh, shapes) if fsdp_axis is None else state_sh,
         )
         history: dict[str, list] = {"step": [], "loss": [], "grad_norm": [], "lr": []}
         window: list[dict] = []
@@ -786,12 +975,13 @@ def fit(
             stack.callback(manager.close)  # waits for the last save (and writes its manifest) first
             state, history, window = _restore_run(manager, abstract, run_config, history, window)
         if state is None:
-            state = replicate(init(), mesh)
+            state = _place(init(), state_sh)
         stop = stack.enter_context(_stop_on_signals())
         steps = _Steps(
             (apply, objective, optimizer, config.ema_decay),
-            {"schedule": schedule, "mesh": mesh, "loss_fn": loss_fn},
+            {"schedule": schedule, "mesh": mesh, "loss_fn": loss_fn, "state_sharding": state_sh},
             steps_per_dispatch,
+            config.batch_size,
         )
         loop = _Loop(state, history, window, manager, run_config, workdir)
         start, total = int(state.step), config.total_steps
@@ -836,17 +1026,20 @@ class _Steps:
     """fit's programs: the single step, and the K-step scan (built only for K > 1) that also serves the
     power-of-two remainders before a log point, checkpoint or the end (jit compiles each length once)."""
 
-    def __init__(self, args, kwargs, k):
-        self.k, self.mesh = int(k), kwargs["mesh"]
+    def __init__(self, args, kwargs, k, batch_size):
+        self.k, self.mesh, self.batch_size = int(k), kwargs["mesh"], batch_size
         self.single = make_train_step(*args, **kwargs)
         self.multi = make_multi_step(*args, **kwargs) if self.k > 1 else None
 
     def __call__(self, state, batch_fn, start: int, n: int):
         """Run steps ``start .. start + n − 1``; the metrics are scalars (n = 1) or arrays of length n."""
         if n == 1:  # the single-step program itself: K = 1 runs exactly the loop it always ran
-            return self.single(state, shard_batch(batch_fn(start), self.mesh))
+            batch = shard_batch(batch_fn(start), self.mesh, global_batch_size=self.batch_size)
+            return self.single(state, batch)
         batches = stack_batches(batch_fn(s) for s in range(start, start + n))
-        return self.multi(state, shard_batches(batches, self.mesh))
+        return self.multi(
+            state, shard_batches(batches, self.mesh, global_batch_size=self.batch_size)
+        )
 
 
 class _Events(NamedTuple):
