@@ -59,7 +59,8 @@ def _prepare(workdir: str, config: ExperimentConfig) -> int:
         )
     elif trained:
         notice(f"resuming {workdir} from step {trained} to {config.steps}")
-    write_json(os.path.join(workdir, EXPERIMENT_FILE), config.to_dict())
+    if jax.process_index() == 0:  # one writer of the shared workdir's files in a multi-process job
+        write_json(os.path.join(workdir, EXPERIMENT_FILE), config.to_dict())
     return trained
 
 
@@ -181,6 +182,8 @@ def run_train(
             )
         result = _result(config, objective, params, state, history, start_step, wall, first)
         _keep_earlier_timing(result, read_metrics(workdir).get("train") or {})
+        if jax.process_index() != 0:  # the other processes of a multi-process job: process 0 writes
+            return result
         update_metrics(workdir, "train", result, config=config.to_dict())
         if figures and history["loss"]:
             from .plots import plot_loss  # noqa: PLC0415 (matplotlib)
