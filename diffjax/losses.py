@@ -855,11 +855,13 @@ def _rows_like(xs, per_row):
     """``per_row`` (one entry per example) sharded like the batch axis of ``xs`` when a mesh with Explicit axes
     (``jax.make_mesh``'s default) splits that axis, since ``vmap`` needs its mapped operands sharded alike; the
     unchanged array otherwise (no mesh, or Auto axes: the same program as before)."""
-    spec = jax.typeof(xs).sharding.spec
-    axis = spec[0] if len(spec) else None
+    sharding = jax.typeof(xs).sharding
+    axis = sharding.spec[0] if len(sharding.spec) else None
     if axis is None:
         return per_row
-    return jax.sharding.reshard(per_row, jax.sharding.PartitionSpec(axis))
+    # a NamedSharding on xs's own mesh: also valid in a jit of sharded arrays outside `jax.set_mesh`
+    target = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(axis))
+    return jax.sharding.reshard(per_row, target)
 
 
 def _batch_loss(objective, model_for, xs, conds, key, stratified, coupling=None):

@@ -150,7 +150,21 @@ def _class_features(embed: nnx.Embed | None, num_classes, c, owner: str, dtype) 
     elif not jnp.issubdtype(c.dtype, jnp.integer):
         raise ValueError(f"{owner}: the class label c must be an integer, got dtype {c.dtype}")
     table = embed.embedding.get_value()
+    mesh = _explicit_mesh(c)
+    if mesh is not None:
+        # under Explicit axes a gather of batch-sharded labels must name its output sharding
+        spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        return table.at[c].get(mode="fill", fill_value=jnp.nan, out_sharding=spec).astype(dtype)
     return jnp.take(table, c, axis=0, mode="fill", fill_value=jnp.nan).astype(dtype)
+
+
+def _explicit_mesh(x):
+    """The (abstract) mesh ``x`` is typed on if it has Explicit axes (``jax.make_mesh``'s default: a jit of
+    arrays on such a mesh, or inside ``jax.set_mesh``), else None (no mesh, or Auto axes: nothing changes)."""
+    mesh = jax.typeof(x).sharding.mesh
+    if mesh.empty or not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types or ()):
+        return None
+    return mesh
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,12 +8,13 @@ checks).
 * ``single`` (one process; run it with ``--xla_force_host_platform_device_count=4``):
   ``auto`` (``make_mesh()``, replicated), ``explicit`` (``jax.make_mesh``, Explicit axes, replicated),
   ``fsdp`` (Explicit mesh, ``fsdp_axis="data"``, workdir), the layout of a direct restore of its last
-  checkpoint into FSDP shardings, and ``batch_loss`` under an Explicit mesh against no mesh.
+  checkpoint into FSDP shardings, and ``batch_loss`` (plain, stratified, class-conditional) under an Explicit
+  mesh against no mesh.
 * ``multi`` (one of 2 processes, each with 2 forced CPU devices; ``JAX_COORDINATOR_ADDRESS``,
-  ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` set): ``auto`` with batch_fn giving the GLOBAL batch and a
-  workdir, ``auto_resumed`` (step 4 deleted, resumed), ``fsdp`` (Explicit mesh, FSDP, batch_fn giving the
-  process's SHARE of rows [8i, 8i + 8)), ``fsdp_resumed`` (resumed at K = 2 steps per dispatch); and that a second ``initialize_distributed`` call
-  returns True without raising.
+  ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` set): ``auto`` with batch_fn giving the GLOBAL batch, ``fsdp``
+  (Explicit mesh, FSDP, batch_fn giving the process's SHARE of rows [8i, 8i + 8), a workdir),
+  ``fsdp_resumed`` (step 4 deleted, resumed from step 2 at K = 2 steps per dispatch); and that a second
+  ``initialize_distributed`` call returns True without raising.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from diffjax import checkpoint, data, losses, nn, train  # noqa: E402
+from diffjax import checkpoint, conditioning, data, losses, nn, train  # noqa: E402
 
 STEPS, BATCH = 4, 16
 BATCHES = np.asarray(data.toy_sample("moons", jax.random.key(1), STEPS * BATCH)).reshape(
@@ -156,12 +157,32 @@ def main():
             with jax.set_mesh(explicit):
                 on_mesh = float(jax.jit(loss, static_argnums=2)(params, sharded_xs, stratified))
             result[f"batch_loss_stratified={stratified}"] = [plain, on_mesh]
+        # a class-conditional model (its label lookup is a gather) with condition dropout, jitted on arrays of the
+        # Explicit mesh without `jax.set_mesh`
+        capply, cparams = nn.split(
+            nn.MLP(2, hidden=16, depth=2, time_dim=8, num_classes=3, rngs=nnx.Rngs(0))
+        )
+        dropout = conditioning.ClassDropout(3, 0.3)
+
+        @jax.jit
+        def closs(p, batch):
+            fn = lambda t, y, c: capply(p, t, y, c)  # noqa: E731
+            return losses.conditional_batch_loss(
+                objective, fn, batch, jax.random.key(4), dropout=dropout
+            )
+
+        labels = np.arange(BATCH) % 3
+        rows = jax.sharding.NamedSharding(explicit, jax.sharding.PartitionSpec("data"))
+        on_mesh = closs(
+            jax.device_put(
+                cparams, jax.sharding.NamedSharding(explicit, jax.sharding.PartitionSpec())
+            ),
+            (jax.device_put(xs, rows), jax.device_put(labels, rows)),
+        )
+        result["conditional_loss"] = [float(closs(cparams, (xs, labels))), float(on_mesh)]
     else:
         result["second_initialize"] = distributed.initialize_distributed()
-        work = os.path.join(args.out, "auto")
-        record("auto", *fit(train.make_mesh(), workdir=work))
-        drop_last(work)
-        record("auto_resumed", *fit(train.make_mesh(), workdir=work))
+        record("auto", *fit(train.make_mesh()))
         i, n = jax.process_index(), jax.process_count()
         share = BATCH // n
         work = os.path.join(args.out, "fsdp")

@@ -263,7 +263,8 @@ def test_explicit_mesh_and_fsdp_on_four_devices(runs):
     """One process, 4 devices: fit on a ``jax.make_mesh`` mesh (Explicit axes) equals fit on the Auto mesh bit
     for bit; FSDP shards parameters, EMA and Adam's moments on their largest divisible dimension and equals the
     replicated run to 1e-6, and its checkpoint restores into the FSDP layout (the resume itself is checked
-    on 2 processes); ``batch_loss`` under an Explicit mesh equals ``batch_loss`` without one."""
+    on 2 processes); ``batch_loss`` (plain, stratified) and ``conditional_batch_loss`` of a class-conditional
+    MLP under an Explicit mesh equal their values without one."""
     (result, states), _ = runs
     assert result["device_count"] == 4 and result["axis_types"] == ["AxisType.Explicit"]
     assert _bitwise(states["explicit"], states["auto"])
@@ -283,16 +284,16 @@ def test_explicit_mesh_and_fsdp_on_four_devices(runs):
     )
     assert result["restored_step"] == 4 and result["restored_param_specs"] == specs
     assert result["restored_mu_specs"] == result["fsdp"]["mu_specs"]
-    for stratified in (False, True):
-        plain, on_mesh = result[f"batch_loss_stratified={stratified}"]
-        assert on_mesh == pytest.approx(plain, rel=1e-6)
+    for name in ("batch_loss_stratified=False", "batch_loss_stratified=True", "conditional_loss"):
+        plain, on_mesh = result[name]
+        assert on_mesh == pytest.approx(plain, rel=1e-6), name
 
 
 @pytest.mark.multiprocess
 def test_two_processes_match_one_process(runs):
     """2 processes x 2 CPU devices (jax.distributed on loopback, gloo): data-parallel fit on the global batch,
     and FSDP on an Explicit mesh fed with each process's share of rows, both equal the one-process 4-device run
-    to 1e-6 with the same loss history; each resumed from its checkpoint at step 2 (FSDP at K = 2 steps per
+    to 1e-6 with the same loss history; the FSDP run resumed from its checkpoint at step 2 (at K = 2 steps per
     dispatch) ends bit for bit where it ended uninterrupted, with the same history; a second ``initialize_distributed`` returns True; a share of the wrong size is
     refused naming the layout."""
     (ref, ref_states), (result, states) = runs
@@ -303,7 +304,7 @@ def test_two_processes_match_one_process(runs):
         assert np.allclose(
             result[name]["history"]["loss"], ref["auto"]["history"]["loss"], rtol=1e-6
         )
-        assert _bitwise(states[f"{name}_resumed"], states[name]), name
-        assert result[f"{name}_resumed"]["history"] == result[name]["history"]
     assert result["fsdp"]["param_specs"] == ref["fsdp"]["param_specs"]
+    assert _bitwise(states["fsdp_resumed"], states["fsdp"])
+    assert result["fsdp_resumed"]["history"] == result["fsdp"]["history"]
     assert "rows [i·B/P, (i+1)·B/P) on process i" in result["bad_share"]
