@@ -29,6 +29,9 @@ Recognised environments, first match wins:
    whose environment lists no workers (JAX reads them from the metadata server), set
    ``DIFFJAX_DISTRIBUTED=auto`` to call ``jax.distributed.initialize()`` with JAX's auto-detection.
 
+``DIFFJAX_DISTRIBUTED=off`` forces one process whatever the launcher says (e.g. a single process started by
+hand inside a multi-task SLURM allocation).
+
 Nothing else (one process, or a launcher's variables saying one task) means one process: nothing to do.
 (No time convention is involved here; elsewhere in diffjax t = 0 is noise and t = 1 is data.)
 """
@@ -74,7 +77,8 @@ def _count_and_id(env: Mapping[str, str]) -> tuple[int, int, str] | None:
         if i is None:
             raise ValueError(
                 f"initialize_distributed: SLURM_NTASKS={n} but SLURM_PROCID is not set: start every task with "
-                "srun (srun python train.py ...), not from the batch script's own shell"
+                "srun (srun python train.py ...), not from the batch script's own shell (or set "
+                "DIFFJAX_DISTRIBUTED=off to run one process)"
             )
         return n, i, "SLURM"
     n = _int(env, "OMPI_COMM_WORLD_SIZE")
@@ -115,7 +119,10 @@ def distributed_kwargs(environ: Mapping[str, str] | None = None) -> dict[str, An
             f"initialize_distributed: JAX_COORDINATOR_ADDRESS={address!r} needs a port: host:port of process 0 "
             "(e.g. 10.0.0.1:12345)"
         )
-    if (env.get("DIFFJAX_DISTRIBUTED") or "").strip().lower() == "auto":
+    switch = (env.get("DIFFJAX_DISTRIBUTED") or "").strip().lower()
+    if switch in ("off", "0", "none", "false"):
+        return None
+    if switch == "auto":
         return {} if address is None else {"coordinator_address": address}
     found = _count_and_id(env)
     if found is None or found[0] == 1:
@@ -141,7 +148,8 @@ def distributed_kwargs(environ: Mapping[str, str] | None = None) -> dict[str, An
         if missing:
             raise ValueError(
                 f"initialize_distributed: SLURM_NTASKS={n} but {', '.join(missing)} not set (no job step): start "
-                "every task with srun, or set JAX_COORDINATOR_ADDRESS=host:port of task 0"
+                "every task with srun, or set JAX_COORDINATOR_ADDRESS=host:port of task 0 (or "
+                "DIFFJAX_DISTRIBUTED=off to run one process)"
             )
         kwargs["cluster_detection_method"] = "slurm"
     elif source == "Open MPI":

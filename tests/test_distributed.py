@@ -98,6 +98,8 @@ OMPI5 = {
         ({"TPU_WORKER_HOSTNAMES": "t1", "TPU_WORKER_ID": "0"}, None),  # a one-host TPU VM
         ({"TPU_PROCESS_ADDRESSES": "a:1,b:1"}, {}),
         ({"DIFFJAX_DISTRIBUTED": "auto"}, {}),
+        ({**SLURM, "DIFFJAX_DISTRIBUTED": "off"}, None),  # one process by hand inside an allocation
+        ({"SLURM_NTASKS": "4", "DIFFJAX_DISTRIBUTED": "off"}, None),
     ],
 )
 def test_distributed_kwargs(env, expected):
