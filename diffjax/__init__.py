@@ -7,8 +7,10 @@ Submodules: ``paths`` (Gaussian paths), ``targets`` (parameterizations and exact
 SDE), ``likelihood`` (exact log-likelihood, bits/dim), ``vlb`` (continuous-time ELBO), ``analytic``
 (Gaussian-mixture oracle), ``solve`` and ``grids`` (ODE solves and time grids), ``nn`` (flax models), ``data``,
 ``train``, ``checkpoint``, ``samplers`` (fixed-step samplers for few evaluations: DDIM, DPM-Solver++, UniPC, EDM
-Heun), ``flow_maps`` (MeanFlow and shortcut models), ``conditioning`` (conditional models, condition dropout) and
-``guidance`` (classifier-free guidance and its variants). ``nn``, ``data``, ``train`` and ``checkpoint`` are
+Heun), ``flow_maps`` (MeanFlow and shortcut models), ``conditioning`` (conditional models, condition dropout),
+``guidance`` (classifier-free guidance and its variants), ``schedules`` (learned monotone log-SNR schedules, VDM's
+joint step), ``importance`` (the schedule as importance sampling: variance-minimizing λ proposals, EDM2's
+uncertainty weighting) and ``transfer`` (a trained model used exactly on another path and kind). ``nn``, ``data``, ``train`` and ``checkpoint`` are
 imported lazily, on first use (``dj.train.fit`` or ``import diffjax.train``), so that ``import diffjax`` does not
 load flax, optax, orbax or scikit-learn; so are ``solve``, ``grids``, ``sampling``, ``samplers`` and
 ``likelihood`` (with their names, e.g. ``dj.sample_ode``, ``dj.sample``), so that training never loads diffrax. The application layer (experiment runs, metrics,
@@ -25,12 +27,15 @@ from . import (
     fields as fields,
     flow_maps as flow_maps,
     guidance as guidance,
+    importance as importance,
     interpolants as interpolants,
     kinds as kinds,
     losses as losses,
     paths as paths,
+    schedules as schedules,
     targets as targets,
     time_change as time_change,
+    transfer as transfer,
     vlb as vlb,
 )
 from .analytic import GaussianMixture as GaussianMixture
@@ -132,6 +137,7 @@ from .targets import (
     target as target,
 )
 from .time_change import LinearPathTime as LinearPathTime, PathTime as PathTime
+from .transfer import TransferredModel as TransferredModel
 from .vlb import ELBOResult as ELBOResult, elbo as elbo
 
 __version__ = "0.1.0"
@@ -317,3 +323,15 @@ __all__ = [
     "Hungarian",
     "Sinkhorn",
 ]
+
+# Issue 15, sharded evaluation and image-sized likelihoods: ``diffjax.sharded`` (shard_map over every device and
+# process) and the likelihood's statistics load lazily like the other solver modules.
+_LAZY_SUBMODULES = _LAZY_SUBMODULES | {"sharded"}
+_LAZY_NAMES.update(
+    {
+        "BitsPerDimResult": "likelihood",
+        "bits_per_dim_with_stats": "likelihood",
+        "probes_for_precision": "likelihood",
+    }
+)
+__all__ += ["BitsPerDimResult", "bits_per_dim_with_stats", "probes_for_precision"]
