@@ -335,3 +335,6 @@ _LAZY_NAMES.update(
     }
 )
 __all__ += ["BitsPerDimResult", "bits_per_dim_with_stats", "probes_for_precision"]
+from .fields import HutchPlusPlus as HutchPlusPlus  # noqa: E402 (fields is already loaded above)
+
+__all__ += ["HutchPlusPlus"]
