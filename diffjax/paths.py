@@ -54,6 +54,7 @@ __all__ = [
     "SigmaMinPath",
     "ICFMPath",
     "SubVPPath",
+    "AffinePath",
     "Normal",
     "check_time",
 ]
@@ -999,3 +1000,128 @@ class SubVPPath(AbstractPath):
     @property
     def prior(self):
         return Normal(1.0)
+
+
+class AffinePath(AbstractPath):
+    """Any affine Gaussian path from two functions: x_t = α(t)·x + σ(t)·ε (t = 0 noise, t = 1 data).
+
+    The general (α_t, σ_t) pair of flow matching's ``AffineProbPath`` (Lipman et al. 2024, "Flow Matching Guide and
+    Code" §4.8), not only variance-preserving ones. ``alpha`` and ``sigma`` are called as ``alpha(t)`` or, if
+    ``params`` is given, ``alpha(params, t)`` (the same for ``sigma``); ``params`` is a PyTree leaf of the path, so
+    a learned pair trains through ``grad``. Derivatives are forward-mode JVPs of the two functions, λ_t =
+    2(log α − log σ) and λ̇ = 2(α̇/α − σ̇/σ), and ``t_from_log_snr`` is a bisection root find (``optimistix``) to
+    the float spacing of t with implicit gradients (dt/dλ = 1/λ̇, dt/dparams = −(∂λ/∂params)/λ̇), as
+    :class:`LogSNRPath`. Prefer a closed-form class where there is one (:class:`PolynomialPath`,
+    :class:`SigmaMinPath`, :class:`ICFMPath`, :class:`SubVPPath`).
+
+    ``d_sigma_sq`` is 2σσ̇ (an end where σ̇ is infinite, such as σ = √(1 − t²) at t = 1, belongs in ``t_eps``).
+    The prior is N(0, σ(t_min)² I), exact where α(t_min) = 0.
+
+    At construction (with concrete parameters) α, σ and λ are evaluated on a grid of [t_min, t_max]: α or σ that
+    is negative or NaN, or a λ that is not strictly increasing, is refused with ``ValueError``.
+
+    Args:
+        alpha, sigma: the data and noise coefficients α(t), σ(t) on [0, 1].
+        params: optional PyTree of parameters passed as their first argument.
+        t_eps: distance from both ends inside which the pair may be singular; t_min = t_eps, t_max = 1 − t_eps.
+        check: run the construction check (skipped automatically under tracing).
+    """
+
+    alpha_fn: Callable = eqx.field(static=True)
+    sigma_fn: Callable = eqx.field(static=True)
+    params: object = None
+    eps: float = eqx.field(static=True, default=0.0)
+
+    def __init__(
+        self, alpha: Callable, sigma: Callable, params=None, t_eps: float = 0.0, check: bool = True
+    ):
+        if not (callable(alpha) and callable(sigma)):
+            raise ValueError(
+                f"AffinePath: alpha and sigma must be functions of t (or of (params, t)), got "
+                f"{type(alpha).__name__} and {type(sigma).__name__}"
+            )
+        if not 0.0 <= float(t_eps) < 0.5:
+            raise ValueError(f"AffinePath: t_eps must lie in [0, 0.5), got t_eps={t_eps!r}")
+        self.alpha_fn, self.sigma_fn, self.params, self.eps = alpha, sigma, params, float(t_eps)
+        if check and _concrete(params):
+            self._check_pair()
+
+    def _check_pair(self):
+        ts = np.linspace(self.eps, 1.0 - self.eps, 257)
+        tj = jnp.asarray(ts, jnp.result_type(float))
+        a, s = (np.asarray(jax.vmap(f)(tj)) for f in (self._alpha, self._sigma))
+        for name, v in (("alpha", a), ("sigma", s)):
+            bad = np.logical_not(v >= 0)  # negative or NaN
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise ValueError(
+                    f"AffinePath: {name}(t) must be >= 0 on [t_min, t_max] (t=0 noise, t=1 data); "
+                    f"{name}({ts[i]:.4f}) = {v[i]!r}"
+                )
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lam = 2.0 * (np.log(a) - np.log(s))
+        if np.any(np.isnan(lam)):
+            i = int(np.argmax(np.isnan(lam)))
+            raise ValueError(
+                f"AffinePath: alpha and sigma are both 0 at t={ts[i]:.4f}: the log-SNR is undefined there"
+            )
+        diffs = np.diff(lam)
+        bad = (
+            np.logical_not(diffs > 0) & np.isfinite(lam[1:])
+            | (lam[1:] == -np.inf)
+            | (lam[:-1] == np.inf)
+        )
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(
+                "AffinePath: the log-SNR λ = log(α²/σ²) must be strictly increasing in t (t=0 noise, t=1 data); "
+                f"it does not increase between t={ts[i]:.4f} and t={ts[i + 1]:.4f} "
+                f"(λ={lam[i]:.4g} → {lam[i + 1]:.4g}): make α/σ increasing"
+            )
+
+    @property
+    def t_eps(self):
+        return self.eps
+
+    @property
+    def t_min(self):
+        return self.eps
+
+    def _call(self, fn, t):
+        return fn(t) if self.params is None else fn(self.params, t)
+
+    def _alpha(self, t):
+        return self._call(self.alpha_fn, t)
+
+    def _sigma(self, t):
+        return self._call(self.sigma_fn, t)
+
+    def _jvp(self, fn, t):
+        return jax.jvp(lambda t: self._call(fn, t), (t,), (jnp.ones_like(t),))
+
+    def _d_alpha(self, t):
+        return self._jvp(self.alpha_fn, t)[1]
+
+    def _d_sigma(self, t):
+        return self._jvp(self.sigma_fn, t)[1]
+
+    def _coefficients(self, t):
+        a, da = self._jvp(self.alpha_fn, t)
+        s, ds = self._jvp(self.sigma_fn, t)
+        return a, s, da, ds
+
+    def _d_log_snr(self, t):
+        a, s, da, ds = self._coefficients(t)
+        return 2.0 * (da / a - ds / s)
+
+    def t_from_log_snr(self, lam):
+        """The t in [t_min, t_max] with λ(t) = lam (clipped to the ends outside the path's λ range).
+
+        Bisection to the float spacing of t with implicit gradients; works under jit, vmap and grad.
+        """
+        lam = jnp.asarray(lam, dtype=jnp.result_type(lam, float))
+        return _monotone_inverse(self._log_snr, lam, float(self.t_min), float(self.t_max))
+
+    @property
+    def prior(self):
+        return Normal(self._sigma(jnp.asarray(float(self.t_min), jnp.result_type(float))))

@@ -16,6 +16,7 @@ import scipy.special
 import scipy.stats
 
 from diffjax.paths import (
+    AffinePath,
     CosinePath,
     EDMPath,
     ICFMPath,
@@ -932,12 +933,38 @@ def _ref_subvp(bmin=0.1, bmax=20.0):
     )
 
 
+def _aff_alpha(t):
+    return t
+
+
+def _aff_sigma(t):
+    return 1.0 - t * t
+
+
+def _affp_sigma(p, t):
+    return 1.0 - (1.0 - p) * t
+
+
+def _ref_affine():
+    return dict(
+        alpha=lambda t: t,
+        sigma=lambda t: 1.0 - t * t,
+        d_alpha=lambda t: np.ones_like(t),
+        d_sigma=lambda t: -2.0 * t,
+    )
+
+
 NEW_PATHS = {
     "poly2": (lambda: PolynomialPath(2.0), lambda: _ref_poly(2.0)),
     "poly_half": (lambda: PolynomialPath(0.5), lambda: _ref_poly(0.5)),
     "sigma_min": (lambda: SigmaMinPath(0.05), lambda: _ref_sigma_min(0.05)),
     "icfm": (lambda: ICFMPath(0.3), lambda: _ref_icfm(0.3)),
     "subvp": (lambda: SubVPPath(0.1, 20.0), _ref_subvp),
+    "affine": (lambda: AffinePath(_aff_alpha, _aff_sigma), _ref_affine),
+    "affine_params": (
+        lambda: AffinePath(lambda p, t: t, _affp_sigma, params=jnp.asarray(0.05)),
+        lambda: _ref_sigma_min(0.05),
+    ),
 }
 _NEW_METHODS = (
     "alpha",
@@ -1004,7 +1031,7 @@ def test_new_path_closed_forms(name, x64):
 
 def test_new_path_ends_priors_and_clipping(x64):
     """Endpoint values, default intervals, priors (I-CFM's x_0 ~ N(0, (1 + σ²) I)) and the clipped inverse."""
-    p2, ph, sm, ic, sv = (f() for f, _ in NEW_PATHS.values())
+    p2, ph, sm, ic, sv, af, _ = (f() for f, _ in NEW_PATHS.values())
     for p, (a0, s0, a1, s1) in [
         (p2, (0.0, 1.0, 1.0, 0.0)),
         (sm, (0.0, 1.0, 1.0, 0.05)),
@@ -1022,7 +1049,8 @@ def test_new_path_ends_priors_and_clipping(x64):
     assert all(float(p.prior.scale) == 1.0 for p in (p2, ph, sm, sv))
     # sub-VP's data end is regular: σ̇_1 = −β_min (VP's is −∞)
     np.testing.assert_allclose(float(sv.d_sigma(1.0)), -0.1, rtol=1e-12)
-    for p in (p2, ph, sm, ic, sv):
+    assert float(af.prior.scale) == 1.0 and (af.t_min, af.t_max) == (0.0, 1.0)
+    for p in (p2, ph, sm, ic, sv, af):
         lo, hi = float(p.t_from_log_snr(-1e4)), float(p.t_from_log_snr(1e4))
         assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(1.0, abs=1e-12), type(
             p
@@ -1048,6 +1076,12 @@ def test_new_path_parameters_grad_vmap_no_recompile(x64):
         (lambda v: ICFMPath(v).sigma(t), lambda v: _ref_icfm(v)["sigma"](t), 0.3),
         (lambda v: SubVPPath(v, 20.0).sigma(t), lambda v: _ref_subvp(v)["sigma"](t), 0.1),
         (lambda v: ICFMPath(v).t_from_log_snr(0.5), None, 0.3),
+        # AffinePath's bisection inverse: implicit gradient vs the closed form t = 1/(e^{−λ/2} + 1 − p)
+        (
+            lambda v: AffinePath(lambda p, t: t, _affp_sigma, params=v).t_from_log_snr(0.5),
+            lambda v: 1.0 / (np.exp(-0.25) + 1.0 - v),
+            0.05,
+        ),
     ]
     for f, ref, v in checks:
         g = float(jax.grad(f)(v))
@@ -1087,11 +1121,16 @@ def test_new_path_bad_arguments():
         (lambda: ICFMPath(-0.2), "sigma"),
         (lambda: SubVPPath(20.0, 0.1), "beta_min"),
         (lambda: SubVPPath(0.1, 20.0, t_eps=0.7), "t_eps"),
+        (lambda: AffinePath(_aff_alpha, lambda t: 1.0 - t + 2.0 * t * t), "strictly increasing"),
+        (lambda: AffinePath(lambda t: t - 0.5, _aff_sigma), "alpha"),
+        (lambda: AffinePath(_aff_alpha, lambda t: 0.5 - t), "sigma"),
+        (lambda: AffinePath(0.5, _aff_sigma), "functions"),
     ]:
         with pytest.raises(ValueError, match=arg):
             make()
     # negative control: the edges of the valid ranges are accepted
     PolynomialPath(1e-3), SigmaMinPath(0.0), ICFMPath(1e-6), SubVPPath(0.1, 0.2)
+    AffinePath(_aff_alpha, lambda t: 1.0 - t + 2.0 * t * t, check=False)
 
 
 # --- the new paths through conversions, samplers and likelihoods, against the Gaussian-mixture oracle ----------
@@ -1113,13 +1152,21 @@ def _np_mixture(path_ref, t, x):
     return scipy.special.logsumexp(logj), r @ uk
 
 
-def _kind_to_velocity(mix, path, kind, t, x):
+@jax.jit
+def _kinds_to_velocity(mix, path, t, x):
+    """The oracle's prediction of every kind at (t, x), converted to a velocity by diffjax.convert."""
     from diffjax.targets import convert
 
-    return convert(mix.predict(kind, path, t, x), src=kind, dst="velocity", path=path, t=t, x_t=x)
+    kinds = ("eps", "data", "v", "score", "velocity")
+    return jnp.stack(
+        [
+            convert(mix.predict(k, path, t, x), src=k, dst="velocity", path=path, t=t, x_t=x)
+            for k in kinds
+        ]
+    )
 
 
-@pytest.mark.parametrize("name", ["poly2", "sigma_min", "icfm", "subvp"])
+@pytest.mark.parametrize("name", ["poly2", "sigma_min", "icfm", "subvp", "affine"])
 def test_new_paths_convert_sample_likelihood(name, x64):
     """Every kind converts to the numpy velocity; the exact likelihood of the oracle's velocity is the numpy
     log p_{t1}; DPM-Solver++(2M)'s sample, run back by the likelihood's solve, returns to its start."""
@@ -1131,11 +1178,10 @@ def test_new_paths_convert_sample_likelihood(name, x64):
     path, r = factory(), ref()
     mix = GaussianMixture(_W, _MU, _S2)
     x = jnp.asarray([0.3, -0.2])
-    for t in (0.3,):
+    for t in (0.3, 0.8):
         _, u_np = _np_mixture(r, t, np.asarray(x))
-        for kind in ("eps", "data", "v", "score", "velocity"):
-            got = np.asarray(_kind_to_velocity(mix, path, kind, t, x))
-            np.testing.assert_allclose(got, u_np, rtol=1e-9, atol=1e-10, err_msg=kind)
+        got = np.asarray(_kinds_to_velocity(mix, path, jnp.asarray(t), x))
+        np.testing.assert_allclose(got, np.broadcast_to(u_np, got.shape), rtol=1e-9, atol=1e-10)
     # DPM-Solver++(2M) from x0 on a velocity-model; its sample goes into the likelihood's backward solve
     key = jax.random.PRNGKey(0)
     x0 = jnp.asarray([0.7, -1.1]) * path.prior.scale
@@ -1143,18 +1189,21 @@ def test_new_paths_convert_sample_likelihood(name, x64):
         "dpmpp_2m", mix.model("velocity", path), "velocity", path, key, num_steps=64, x0=x0
     )
     assert int(got.nfe) == 64
-    # exact likelihood, default time variable, exact p_{t0} as the prior (sub-VP's α_0 ≠ 0)
+    # exact likelihood with the exact p_{t0} as the prior (sub-VP's α_0 ≠ 0); the default time variable
+    # τ = α/(α + σ) where it is not the identity's twin (PolynomialPath: τ = t², AffinePath: a root find per step)
     t0, t1 = float(path.t_min), float(path.t_max)
     u = velocity_field(mix.model("velocity", path), "velocity", path)
     prior = eqx.Partial(mix.marginal_log_prob, path, jnp.asarray(t0))
-    xs = jnp.stack([jnp.asarray([0.3, -0.2]), jnp.asarray([-1.2, 0.9]), got.samples])
-    res = jax.vmap(
-        lambda x: log_likelihood_with_stats(u, path, x, prior_log_prob=prior, rtol=1e-9, atol=1e-9)
-    )(xs)
+    time = "linear" if name in ("poly2", "affine") else "t"
+    xs = [jnp.asarray([0.3, -0.2]), jnp.asarray([-1.2, 0.9]), got.samples]
+    res = [
+        log_likelihood_with_stats(u, path, x, prior_log_prob=prior, rtol=1e-9, atol=1e-9, time=time)
+        for x in xs
+    ]
     want = np.array([_np_mixture(r, t1, np.asarray(x))[0] for x in xs])
-    np.testing.assert_allclose(np.asarray(res.log_prob), want, atol=1e-4)
+    np.testing.assert_allclose([float(q.log_prob) for q in res], want, atol=1e-4)
     # the ODE run backwards from the sampler's output returns to the sampler's start (second-order sampler)
-    np.testing.assert_allclose(np.asarray(res.x0[2]), np.asarray(x0), atol=0.02)
+    np.testing.assert_allclose(np.asarray(res[2].x0), np.asarray(x0), atol=0.02)
     assert (
-        np.max(np.abs(np.asarray(res.x0[0]) - np.asarray(x0))) > 0.1
+        np.max(np.abs(np.asarray(res[0].x0) - np.asarray(x0))) > 0.1
     )  # control: another point does not
