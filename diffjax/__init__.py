@@ -116,6 +116,7 @@ from .losses import (
 )
 from .paths import (
     AbstractPath as AbstractPath,
+    AffinePath as AffinePath,
     CosinePath as CosinePath,
     EDMPath as EDMPath,
     ICFMPath as ICFMPath,
@@ -303,6 +304,7 @@ __all__ = [
     "VEPath",
     "VPPath",
     "weighted_objective",
+    "AffinePath",
     "PolynomialPath",
     "SigmaMinPath",
     "ICFMPath",
