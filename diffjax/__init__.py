@@ -152,6 +152,7 @@ __version__ = "0.1.0"
 _LAZY_SUBMODULES = frozenset(
     {"checkpoint", "data", "grids", "likelihood", "nn", "samplers", "sampling", "solve", "train"}
 )
+_LAZY_SUBMODULES = _LAZY_SUBMODULES | {"grid_search"}  # optimized inference grids (optax, lazily)
 _LAZY_NAMES = {
     "LikelihoodResult": "likelihood",
     "bits_per_dim": "likelihood",
@@ -170,12 +171,14 @@ _LAZY_NAMES = {
     "DPMSolverPP3M": "samplers",
     "EDMHeun": "samplers",
     "UniPC": "samplers",
+    "optimize_grid": "grid_search",
 }
 
 if TYPE_CHECKING:  # static analysers see the lazy names as ordinary attributes
     from . import (
         checkpoint as checkpoint,
         data as data,
+        grid_search as grid_search,
         grids as grids,
         likelihood as likelihood,
         nn as nn,
@@ -184,6 +187,7 @@ if TYPE_CHECKING:  # static analysers see the lazy names as ordinary attributes
         solve as solve,
         train as train,
     )
+    from .grid_search import optimize_grid as optimize_grid
     from .likelihood import (
         LikelihoodResult as LikelihoodResult,
         bits_per_dim as bits_per_dim,
