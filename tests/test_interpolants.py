@@ -266,6 +266,31 @@ def test_gaussian_source_reduces_to_gaussian_paths(setup):
         np.testing.assert_allclose(np.asarray(u), np.asarray(u_ref), rtol=1e-10, atol=1e-12)
 
 
+def test_start_distribution_with_gamma_at_the_source(setup):
+    """With γ_0 = σ ≠ 0 (ConstantGamma) the ODE starts from the source smoothed by N(0, σ² I): its closed form is
+    the oracle's ρ_0 (numpy pairs at t = 0 with the extra variance); with BrownianGamma it is the source."""
+    dj, si, src = setup["dj"], setup["si"], setup["src"]
+    x = jnp.asarray(XS[0])
+    for source in (si.MixtureSource(src), si.GaussianSource(jnp.asarray([0.5, -0.5]), 1.5)):
+        interp = si.StochasticInterpolant(source, dj.LinearPath(), si.ConstantGamma(0.3))
+        o = setup["tgt"].interpolant_marginal(interp)
+        np.testing.assert_allclose(
+            float(interp.start().log_prob(x)), float(o.log_prob(0.0, x)), rtol=1e-12
+        )
+    want = scipy.special.logsumexp(
+        [
+            math.log(W_SRC[j])
+            + scipy.stats.multivariate_normal(MU_SRC[j], np.diag(V_SRC[j] + 0.09)).logpdf(XS[0])
+            for j in range(2)
+        ]
+    )
+    smoothed = si.StochasticInterpolant(
+        si.MixtureSource(src), dj.LinearPath(), si.ConstantGamma(0.3)
+    ).start()
+    np.testing.assert_allclose(float(smoothed.log_prob(x)), want, rtol=1e-12)
+    assert setup["interp"].start() is setup["interp"].source
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # sampling and likelihood through diffjax's solvers
 # ---------------------------------------------------------------------------------------------------------------
