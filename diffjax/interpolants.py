@@ -425,7 +425,10 @@ class StochasticInterpolant(eqx.Module):
         """The law of x_t at t = 0: the source, smoothed by N(0, γ_0² I) where γ_0 ≠ 0 (β_0 = 1, α_0 = 0)."""
         if isinstance(self.gamma, ZeroGamma | BrownianGamma):
             return self.source
-        return self.source.smoothed(self.gamma.gamma_sq(jnp.zeros(())))
+        g0 = self.gamma.gamma_sq(jnp.zeros((), jnp.result_type(float)))
+        if _concrete(g0) and float(g0) == 0.0:  # any other γ that vanishes at the source
+            return self.source
+        return self.source.smoothed(g0)
 
 
 def _check_interpolant(interpolant):
