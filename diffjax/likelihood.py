@@ -377,7 +377,10 @@ def log_likelihood_with_stats(
         x: one example of any shape (use ``jax.vmap`` for batches).
         key: PRNG key for the Hutchinson probes (drawn once, fixed along the solve).
         trace: ``"exact"`` / :class:`~diffjax.fields.ExactTrace` (D forward-mode JVPs per evaluation, O(D)
-            memory) or ``"hutchinson"`` / :class:`~diffjax.fields.Hutchinson` (``num_probes``, ``probe``).
+            memory) or ``"hutchinson"`` / :class:`~diffjax.fields.Hutchinson` (``num_probes``, ``probe``), or
+            :class:`~diffjax.fields.HutchPlusPlus` (lower variance at the same JVPs where the Jacobian has a few
+            large directions). With k ≥ 2 probes the k estimates are integrated side by side along the one
+            solve and ``log_prob_se`` reports their standard error (SE ∝ 1/√k; :func:`probes_for_precision`).
         solver: a diffrax solver or name (default Tsit5; Heun with ``num_steps``).
         rtol, atol: tolerances of ``diffrax.PIDController`` (ignored with ``num_steps``); the defaults
             (:data:`DEFAULT_RTOL` = 1e-6, :data:`DEFAULT_ATOL` = 3e-6) reach ≤ 1e-4 nats on the oracle problems
