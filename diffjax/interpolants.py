@@ -268,7 +268,7 @@ class AbstractGamma(eqx.Module):
 
 
 class ZeroGamma(AbstractGamma):
-    """γ_t = 0: the deterministic interpolant x_t = α_t·x₁ + β_t·x₀."""
+    """γ_t = 0: the deterministic interpolant x_t = α_t·x₁ + β_t·x₀ (t = 0 source, t = 1 data)."""
 
     def gamma_sq(self, t):
         return jnp.zeros_like(t)
@@ -284,8 +284,8 @@ class ZeroGamma(AbstractGamma):
 
 
 class BrownianGamma(AbstractGamma):
-    """γ_t = √(a·t(1 − t)) (Albergo et al. 2023, §3.3; a Brownian bridge of variance a). γ² = a·t(1 − t),
-    d(γ²)/dt = a(1 − 2t), γ̇ = a(1 − 2t)/(2γ) (infinite at both ends, where γ = 0; the marginal velocity only
+    """γ_t = √(a·t(1 − t)) (t = 0 source, t = 1 data; Albergo et al. 2023, §3.3: a Brownian bridge of variance
+    a). γ² = a·t(1 − t), d(γ²)/dt = a(1 − 2t), γ̇ = a(1 − 2t)/(2γ) (infinite at both ends, where γ = 0; the marginal velocity only
     needs γ·γ̇ = ½d(γ²)/dt, which is finite)."""
 
     scale: Float[Array, ""]
@@ -307,7 +307,7 @@ class BrownianGamma(AbstractGamma):
 
 
 class ConstantGamma(AbstractGamma):
-    """γ_t = σ for every t (I-CFM / OT-CFM's x_t = t·x₁ + (1 − t)·x₀ + σz, Tong et al. 2024): γ̇ = 0. γ_0 = σ ≠ 0,
+    """γ_t = σ for every t ∈ [0, 1] (t = 0 source, t = 1 data; I-CFM / OT-CFM's x_t = t·x₁ + (1 − t)·x₀ + σz, Tong et al. 2024): γ̇ = 0. γ_0 = σ ≠ 0,
     so the ODE starts from the source smoothed by N(0, σ² I) (closed form for Gaussian and mixture sources)."""
 
     value: Float[Array, ""]
