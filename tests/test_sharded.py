@@ -140,3 +140,85 @@ def test_sharded_failure_raises_within_seconds(result):
     )  # a compile and a 3-step solve; GSPMD aborted after 68 s (issue 15)
     assert result["statuses"] == [2]  # MAX_STEPS, returned with throw=False
     assert "multiple of 8" in result["bad_batch"]
+
+
+MULTI = textwrap.dedent(
+    """
+    import json, sys, time
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    pid, port = int(sys.argv[1]), sys.argv[2]
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+    import numpy as np
+    import diffjax as dj
+    from diffjax import data, sharded, solve
+
+    gm = dj.GaussianMixture(data.MIXTURE_WEIGHTS, data.MIXTURE_MEANS, data.MIXTURE_VARIANCES)
+    path = dj.LinearPath()
+    u = dj.velocity_field(gm.model("velocity", path), "velocity", path)
+    x = np.asarray(gm.sample(jax.random.key(0), 16))
+    local = x[pid * 8 : (pid + 1) * 8]  # this process's contiguous rows of the global batch
+    r = sharded.gather(sharded.sharded_log_likelihood(u, path, local))
+    # a failure in process 1's rows only (a NaN row; the same compiled program): both processes raise
+    bad = local.copy()
+    if pid == 1:
+        bad[3] = np.nan
+    t = time.perf_counter()
+    try:
+        sharded.sharded_log_likelihood(u, path, bad)
+        err = None
+    except solve.SolveError as e:
+        err = str(e)
+    print(json.dumps({"devices": jax.device_count(), "log_prob": r.log_prob.tolist(),
+                      "oracle": np.asarray(jax.vmap(gm.log_prob)(x)).tolist(), "error": err,
+                      "seconds": time.perf_counter() - t}))
+    """
+)
+
+
+@pytest.mark.multiprocess
+def test_two_processes_gather_the_same_global_result_and_both_raise():
+    """2 processes × 2 CPU devices on loopback: each passes its rows, both gather the whole batch (against the
+    oracle), and a failure in one process's rows (a NaN row) raises SolveError on both, naming the global row
+    (no hang: the run is bounded in time)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", MULTI, str(i), str(port)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=300)
+            assert p.returncode == 0, stderr[-3000:]
+            outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for out in outs:
+        assert out["devices"] == 4
+        assert len(out["log_prob"]) == 16
+        assert max(abs(a - b) for a, b in zip(out["log_prob"], out["oracle"])) < 2e-4
+        assert (
+            out["error"] is not None
+            and "1 of 16 solves failed, the first at index 11" in out["error"]
+        )
+        assert out["seconds"] < 120
+    assert outs[0]["log_prob"] == outs[1]["log_prob"]
