@@ -27,7 +27,9 @@ Building blocks (all ``equinox.Module``; strings are static fields, numbers are 
 * :class:`Objective` with :func:`loss` / :func:`loss_at` / :func:`batch_loss`, :func:`weighted_objective`,
   the published presets (:func:`ddpm`, :func:`vdm`, :func:`v_prediction`, :func:`flow_matching`,
   :func:`score_matching`, :func:`edm`, :func:`sd3`, :func:`sigmoid`, :func:`min_snr`) written in their native form,
-  and :func:`implied_weighting`, which recovers w(λ) and p(λ) of any objective.
+  and :func:`implied_weighting`, which recovers w(λ) and p(λ) of any objective;
+* couplings (:mod:`diffjax.couplings`): ``batch_loss(..., coupling=MinibatchOT())`` re-pairs the batch's noises
+  with its data points (minibatch OT, the Schrödinger bridge) before the per-example losses.
 
 Prediction kinds are the modules of :mod:`diffjax.kinds`; an :class:`Objective` converts the names ``"eps"``,
 ``"data"``, ``"v"``, ``"velocity"``, ``"score"`` once, at construction (``objective.prediction.name`` is the string).
