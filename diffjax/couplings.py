@@ -228,6 +228,17 @@ def _check_batch(caller: str, x0, x1) -> None:
         )
 
 
+def _check_interior(caller: str, t):
+    """check_time, and for a concrete t also 0 < t < 1: the bridge collapses to a point at both ends
+    (γ_0 = γ_1 = 0), where its conditional velocity and score are singular."""
+    if _is_concrete(t) and jnp.ndim(t) == 0 and not 0.0 < float(t) < 1.0:
+        raise ValueError(
+            f"SchrodingerBridge.{caller}: t={float(t)} must lie strictly inside (0, 1) (t = 0 noise, t = 1 "
+            "data): the bridge has zero width at the ends, where this is singular; use e.g. t in [1e-5, 1 - 1e-5]"
+        )
+    return check_time(t)
+
+
 class Independent(AbstractCoupling):
     """π = p₀ ⊗ p₁: every data point keeps its own independent noise (pair(i) = i). The default coupling."""
 
@@ -350,12 +361,12 @@ class SchrodingerBridge(AbstractCoupling):
 
     def conditional_velocity(self, t: Scalar, x, x0, x1) -> Float[Array, "*shape"]:
         """u_t(x | x₀, x₁) = x₁ − x₀ + ((1 − 2t)/(2t(1 − t)))·(x − μ_t), for t in (0, 1) (t = 0 noise)."""
-        t = check_time(t)
+        t = _check_interior("conditional_velocity", t)
         return x1 - x0 + (1.0 - 2.0 * t) / (2.0 * t * (1.0 - t)) * (x - (t * x1 + (1.0 - t) * x0))
 
     def conditional_score(self, t: Scalar, x, x0, x1) -> Float[Array, "*shape"]:
         """∇ₓ log N(x; μ_t, γ_t² I) = −(x − μ_t)/γ_t², for t in (0, 1) (t = 0 noise, t = 1 data)."""
-        t = check_time(t)
+        t = _check_interior("conditional_score", t)
         return -(x - (t * x1 + (1.0 - t) * x0)) / jnp.square(self._std(t))
 
     def check(self, objective) -> None:

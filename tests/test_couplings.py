@@ -437,6 +437,10 @@ def test_bad_inputs_are_refused(batch):
         dj.batch_loss(dj.ddpm(), fn, x1, key, coupling="sb")
     with pytest.raises(ValueError, match="prediction='eps', space='eps'"):
         dj.batch_loss(losses.Objective(dj.LinearPath(), "eps"), fn, x1, key, coupling="sb")
+    with pytest.raises(ValueError, match=r"t=1.0 must lie strictly inside \(0, 1\)"):
+        C.SchrodingerBridge().conditional_velocity(1.0, x1[0], x0[0], x1[0])
+    with pytest.raises(ValueError, match=r"t=0.0 must lie strictly inside"):
+        C.SchrodingerBridge().conditional_score(0.0, x1[0], x0[0], x1[0])
     with pytest.raises(ValueError, match="sigma must be > 0, got sigma=0.0"):
         C.SchrodingerBridge(0.0)
     with pytest.raises(ValueError, match="epsilon must be > 0"):
