@@ -27,12 +27,23 @@ rtol = atol = 1e-12.
   end to λ(t ± 1e-3·(t1 − t0)), so its first/last step has a fixed size whatever N; 2M, 3M and UniPC are run
   again with that end moved inside by 1e-6, where λ is finite.
 
+* Optimized grids (VP and cosine ε-models): ``dj.grid_search.optimize_grid`` fits the N + 1 times of a sampler's
+  grid (LD3-style: softmax increments, fixed ends, Adam on the mean endpoint distance to an adaptive Dopri8
+  teacher at 1e-10) on 256 training x0 drawn with PRNGKey(7), from 8 starting grids (the lowest training loss
+  wins); the error is then measured on this benchmark's own x0 (PRNGKey(1)), which the fit never saw. Rows
+  ``{sampler}_optimized``: UniPC at NFE 5, 10, 20 and DPM-Solver++ 2M/3M at 10 (``--quick``: UniPC at 10). The
+  full run also tabulates the fixed grids tried at NFE 10 (log-SNR, uniform, EDM ρ, SD3 shift, λ trimmed at the
+  data end). Issue 12's criterion, best multistep at NFE 10 ≤ Euler (uniform) at NFE 100, is printed per case.
+
 The last line of standard output is one JSON object: ``endpoint_error`` {sampler: {NFE: error}} and ``order``
 {sampler: p} for the VP ε-model on the customary grids, then ``local_order``, ``nfe``, ``grid``, ``fit_nfe``,
 ``reference_error``, ``wall_ms``, ``other`` (the other paths and kinds), and in the full run ``grids`` (the VP
-ε-model on the other grids) and ``finite_ends`` (the end-step check).
+ε-model on the other grids) and ``finite_ends`` (the end-step check); the optimized rows are extra samplers
+``{sampler}_optimized`` in ``endpoint_error`` (and in ``other["cosine_eps"]``), with details and the criterion in
+``optimized_grids`` and (full run) ``tried_grids_nfe10``.
 
-Run: ``python benchmarks/samplers.py`` (``--quick``: 16 points, NFE 10, 20, 50, 100, the customary grids only).
+Run: ``python benchmarks/samplers.py`` (``--quick``: 16 points, NFE 10, 20, 50, 100, the customary grids only;
+``--optimized``: only the optimized-grid study, VP and cosine ε with Euler and the fixed and optimized grids).
 """
 
 from __future__ import annotations
@@ -81,6 +92,28 @@ FIT_FLOOR = 30.0
 TIMING_NFE = 20
 #: the end-step check (full run): an end where λ = ±inf moved inside by this, so that λ is finite on the grid.
 FINITE_END = 1e-6
+#: Optimized grids (``dj.grid_search.optimize_grid``): the cases, samplers and NFE they are fitted for (full run;
+#: ``--quick``: UniPC at NFE 10), on OPT_TRAIN training points x0 ~ N(0, I) drawn with OPT_KEY (the
+#: benchmark's held-out points use PRNGKey(1)), from each of the initial grids of ``initial_grids``.
+OPT_CASES = ("vp_eps", "cosine_eps")
+#: issue 12: the best multistep sampler at NFE 10 against Euler (uniform grid) at this NFE.
+CRITERION_EULER_NFE = 100
+OPT_SAMPLERS = {"unipc": (5, 10, 20), "dpmpp_2m": (10,), "dpmpp_3m": (10,)}
+OPT_SAMPLERS_QUICK = {"unipc": (10,)}
+OPT_TRAIN, OPT_KEY, OPT_STEPS, OPT_LR, OPT_STARTS = 256, 7, 600, 0.05, 8
+#: the fixed grids tried at NFE 10 (full run) for 2M, 3M and UniPC: (label, time_grid kind, keyword arguments);
+#: "trim λ≤c" is N − 1 log-SNR steps up to λ = c, then one step to t1.
+TRIED_GRIDS = (
+    ("log_snr", "log_snr", {}),
+    ("uniform", "uniform", {}),
+    ("edm ρ=3", "edm", {"rho": 3.0}),
+    ("edm ρ=7", "edm", {"rho": 7.0}),
+    ("shift 0.3", "shifted", {"shift": 0.3}),
+    ("shift 0.5", "shifted", {"shift": 0.5}),
+    ("shift 3", "shifted", {"shift": 3.0}),
+    ("trim λ≤4", "trim", {"cut": 4.0}),
+    ("trim λ≤6", "trim", {"cut": 6.0}),
+)
 
 
 def mixture() -> GaussianMixture:
@@ -161,6 +194,94 @@ def sampler_fn(name, model, kind, path, grid, num_steps, t0, t1):
     return run
 
 
+def fixed_grid(path, n, kind, t0, t1, **kw):
+    """A grid of ``TRIED_GRIDS`` as a numpy array (t = 0 noise, t = 1 data)."""
+    if kind == "trim":
+        cut = float(path.t_from_log_snr(kw["cut"]))
+        return np.concatenate(
+            [np.asarray(dj.time_grid(path, n - 1, "log_snr", t0=t0, t1=cut)), [t1]]
+        )
+    return np.asarray(dj.time_grid(path, n, kind, t0=t0, t1=t1, **kw))
+
+
+def initial_grids(path, n, t0, t1):
+    """The starts of the grid optimization (multi-start; the lowest training loss wins)."""
+    grids = [fixed_grid(path, n, "log_snr", t0, t1), fixed_grid(path, n, "uniform", t0, t1)]
+    grids += [fixed_grid(path, n, "shifted", t0, t1, shift=s) for s in (0.3, 0.5, 0.7)]
+    grids += [fixed_grid(path, n, "edm", t0, t1, rho=r) for r in (3.0, 5.0)]
+    grids += [fixed_grid(path, n, "trim", t0, t1, cut=6.0)]
+    return tuple(grids)
+
+
+def grid_sampler_fn(name, model, kind, path, x0s):
+    """A jitted function of an explicit grid array (one compile per sampler): its samples from ``x0s``."""
+    sampler = dj.samplers.as_sampler(name)
+    key = jax.random.PRNGKey(0)
+
+    @jax.jit
+    def run(ts):
+        def one(x0):
+            return dj.sample(sampler, model, kind, path, key, grid=ts, x0=x0, throw=False).samples
+
+        return jax.vmap(one)(x0s)
+
+    return run
+
+
+def optimized_rows(gm, path, kind, x0s, ref, t0, t1, plan, quick_log):
+    """Held-out errors of ``names`` on grids optimized for each NFE on training points of their own key."""
+    model = gm.model(kind, path)
+    x_train = jax.random.normal(jax.random.PRNGKey(OPT_KEY), (OPT_TRAIN, 2))
+    out = {}
+    for name, nfes in plan.items():
+        run = grid_sampler_fn(name, model, kind, path, x0s)
+        for n in nfes:
+            t = time.perf_counter()
+            ts, losses = dj.grid_search.optimize_grid(
+                name,
+                model,
+                kind,
+                path,
+                n,
+                x_train,
+                init=initial_grids(path, n, t0, t1),
+                steps=OPT_STEPS,
+                learning_rate=OPT_LR,
+                return_losses=True,
+            )
+            secs = time.perf_counter() - t
+            losses = np.asarray(losses)
+            err = endpoint_error(run(ts), ref)
+            init_err = endpoint_error(
+                run(jax.numpy.asarray(fixed_grid(path, n, "log_snr", t0, t1))), ref
+            )
+            out.setdefault(name, {})[n] = {
+                "error": err,
+                "log_snr_error": init_err,
+                "train_error": float(losses[-1]),
+                "train_error_start": float(losses[0]),
+                "grid": [float(v) for v in np.asarray(ts)],
+                "seconds": secs,
+            }
+            quick_log(
+                f"  {name}_optimized @ {n}: held-out {err:.2e} (log_snr {init_err:.2e}), {secs:.0f} s"
+            )
+    return out
+
+
+def tried_grids(gm, path, kind, x0s, ref, t0, t1, n):
+    """{sampler: {grid label: held-out error}} at NFE ``n`` on the fixed grids of TRIED_GRIDS."""
+    model = gm.model(kind, path)
+    out = {}
+    for name in OPT_SAMPLERS:
+        run = grid_sampler_fn(name, model, kind, path, x0s)
+        out[name] = {
+            label: endpoint_error(run(jax.numpy.asarray(fixed_grid(path, n, k, t0, t1, **kw))), ref)
+            for label, k, kw in TRIED_GRIDS
+        }
+    return out
+
+
 def endpoint_error(xs, ref):
     err = np.linalg.norm(np.asarray(xs) - ref, axis=-1)
     return float(np.mean(err)) if np.all(np.isfinite(err)) else math.nan
@@ -213,7 +334,7 @@ def sweep(gm, path, kind, x0s, budgets, fit_min, grids_of, quick_log, interval=N
                 "failed": failed,
             }
             quick_log(f"  {name}@{grid}: order {p:.2f}")
-    return {"t0": t0, "t1": t1, "ref_nfe": ref_nfe, "floor": floor, "rows": rows}
+    return {"t0": t0, "t1": t1, "ref_nfe": ref_nfe, "floor": floor, "rows": rows, "ref": ref}
 
 
 def local_orders(r, budgets):
@@ -252,6 +373,48 @@ def print_table(label, path, kind, res, budgets):
         print(f"{'':>10s} {'local p':>8s} | {'':>4s}" + local)
     if any(r["failed"] for r in res["rows"].values()):
         print("  * some samples of this run reported a nonzero status (throw=False)")
+
+
+def print_optimized(label, res, opt, tried, budgets):
+    """The optimized-grid rows beside Euler at its largest NFE, and (full run) the fixed grids tried at NFE 10."""
+    euler = res["rows"][("euler", "uniform")]["errors"]
+    nfes = sorted({n for rows in opt.values() for n in rows})
+    print(
+        f"\n{label}: optimized grids (dj.grid_search.optimize_grid, {OPT_TRAIN} training x0 with key "
+        f"{OPT_KEY}, {OPT_STEPS} Adam steps, {OPT_STARTS} starts); "
+        "held-out error on this benchmark's x0"
+    )
+    head = (
+        f"{'sampler':>20s} | "
+        + " ".join(f"{n:>8d}" for n in nfes)
+        + " | log_snr grid at the same NFE"
+    )
+    print(head)
+    print("-" * len(head))
+    for name, rows in opt.items():
+        cells = " ".join(f"{rows[n]['error']:8.1e}" if n in rows else f"{'':8s}" for n in nfes)
+        base = " ".join(
+            f"{rows[n]['log_snr_error']:8.1e}" if n in rows else f"{'':8s}" for n in nfes
+        )
+        print(f"{name + '_optimized':>20s} | {cells} | {base}")
+    big = CRITERION_EULER_NFE
+    print(f"{'euler (uniform)':>20s} | " + " ".join(f"{euler.get(n, math.nan):8.1e}" for n in nfes))
+    if 10 in nfes:
+        best = min(rows[10]["error"] for rows in opt.values() if 10 in rows)
+        verdict = "MET" if best <= euler[big] else "NOT met"
+        print(
+            f"criterion: best optimized multistep at NFE 10 = {best:.2e} vs Euler at NFE {big} = "
+            f"{euler[big]:.2e}: {verdict}"
+        )
+    for name, rows in opt.items():
+        for n in rows:
+            print(f"  {name} NFE {n} grid: " + " ".join(f"{v:.5g}" for v in rows[n]["grid"]))
+    if tried:
+        print(f"\n{label}: fixed grids at NFE 10 (held-out error)")
+        labels = [lab for lab, _, _ in TRIED_GRIDS]
+        print(f"{'sampler':>10s} | " + " ".join(f"{lab:>9s}" for lab in labels))
+        for name, errs in tried.items():
+            print(f"{name:>10s} | " + " ".join(f"{errs[lab]:9.2e}" for lab in labels))
 
 
 def timings(gm, n, repeats):
@@ -335,6 +498,11 @@ def main():
         "--quick", action="store_true", help="16 points, NFE 10-100, customary grids only"
     )
     parser.add_argument("--points", type=int, default=None, help="x0 draws per case (default 64)")
+    parser.add_argument(
+        "--optimized",
+        action="store_true",
+        help="only the optimized-grid study: VP and cosine eps, Euler (uniform) and the optimized/fixed grids",
+    )
     args = parser.parse_args()
     n = args.points or (16 if args.quick else 64)
     budgets = (10, 20, 50, 100) if args.quick else (5, 10, 20, 50, 100, 200, 500, 1000)
@@ -357,7 +525,11 @@ def main():
     results = {}
     t_start = time.perf_counter()
     for i, (label, path, kind) in enumerate(CASES):
-        if i == 0 and not args.quick:
+        if args.optimized and label not in OPT_CASES:
+            continue
+        if args.optimized:
+            grids_of = {"euler": ("uniform",)}
+        elif i == 0 and not args.quick:
             grids_of = {
                 name: (g,) + tuple(x for x in ALL_GRIDS if x != g) for name, g in SAMPLERS.items()
             }
@@ -366,8 +538,21 @@ def main():
         log(f"{label} ({time.perf_counter() - t_start:.0f} s)")
         results[label] = sweep(gm, path, kind, x0s, budgets, fit_min, grids_of, log)
         print_table(label, path, kind, results[label], budgets)
+    optimized, tried = {}, {}
+    for label, path, kind in CASES:
+        if label not in OPT_CASES:
+            continue
+        r = results[label]
+        log(f"{label}: optimized grids ({time.perf_counter() - t_start:.0f} s)")
+        plan = OPT_SAMPLERS_QUICK if args.quick else OPT_SAMPLERS
+        optimized[label] = optimized_rows(
+            gm, path, kind, x0s, r["ref"], r["t0"], r["t1"], plan, log
+        )
+        if not args.quick:
+            tried[label] = tried_grids(gm, path, kind, x0s, r["ref"], r["t0"], r["t1"], 10)
+        print_optimized(label, r, optimized[label], tried.get(label), budgets)
     finite = {}
-    if not args.quick:
+    if not args.quick and not args.optimized:
         # The log-SNR grid clips an infinite λ end to λ(t ± 1e-3·(t1 − t0)), so its first/last step has a
         # fixed size whatever N: the same solves with that end moved inside by FINITE_END, where λ is finite.
         for label, path, kind in CASES:
@@ -385,7 +570,7 @@ def main():
             finite[key] = sweep(gm, path, kind, x0s, budgets, fit_min, grids_of, log, ends)
             print_table(f"{label}, finite-λ ends", path, kind, finite[key], budgets)
     log(f"timing ({time.perf_counter() - t_start:.0f} s)")
-    wall = timings(gm, n_time, repeats)
+    wall = {} if args.optimized else timings(gm, n_time, repeats)
     print(
         f"\nwall time, VP eps-model, NFE {TIMING_NFE}, {n_time} points, one jitted vmapped call "
         f"(cold: first call incl. compile; warm: best of {repeats})"
@@ -409,7 +594,45 @@ def main():
         "fit_min_nfe": fit_min,
         "other": {label: _summary(r, budgets, SAMPLERS) for label, r in list(results.items())[1:]},
     }
-    if not args.quick:
+    for label, opt in optimized.items():
+        dst = out if label == CASES[0][0] else out["other"][label]
+        for name, rows in opt.items():
+            dst["endpoint_error"][f"{name}_optimized"] = {
+                str(n): _num(r["error"]) for n, r in rows.items()
+            }
+    big = CRITERION_EULER_NFE
+    out["optimized_grids"] = {
+        label: {
+            "criterion_nfe10": {
+                "best_optimized": _num(min(r[10]["error"] for r in opt.values() if 10 in r)),
+                f"euler_{big}": _num(results[label]["rows"][("euler", "uniform")]["errors"][big]),
+                "met": bool(
+                    min(r[10]["error"] for r in opt.values() if 10 in r)
+                    <= results[label]["rows"][("euler", "uniform")]["errors"][big]
+                ),
+            },
+            "train": {
+                "points": OPT_TRAIN,
+                "key": OPT_KEY,
+                "steps": OPT_STEPS,
+                "learning_rate": OPT_LR,
+            },
+            "rows": {
+                name: {
+                    str(n): {k: (_num(v) if isinstance(v, float) else v) for k, v in r.items()}
+                    for n, r in rows.items()
+                }
+                for name, rows in opt.items()
+            },
+        }
+        for label, opt in optimized.items()
+    }
+    if tried:
+        out["tried_grids_nfe10"] = {
+            label: {name: {g: _num(e) for g, e in errs.items()} for name, errs in t.items()}
+            for label, t in tried.items()
+        }
+    if not args.quick and not args.optimized:
         extra = {
             f"{name}@{grid}": r
             for (name, grid), r in head["rows"].items()
