@@ -105,6 +105,19 @@ def main():
     res["lane_utilisation_one_device"] = float(nfe.mean() / nfe.max())
     res["lane_utilisation_shard_map"] = float(nfe.mean() / nfe.max(axis=1).mean())
 
+    # collectives in the compiled programs: GSPMD's while-loop condition reduces over the devices every step
+    def all_reduces(fn):
+        hlo = jax.jit(fn).lower(u, xs).compile().runtime_executable().hlo_modules()[0].to_string()
+        return hlo.count("all-reduce")
+
+    res["all_reduce_ops"] = {
+        "gspmd": all_reduces(vmapped),
+        "shard_map": all_reduces(
+            lambda u, x: sharded._likelihood_program(u, path, x, None, mesh, sharded.BATCH_AXIS, ())
+        ),
+    }
+    print(f"all-reduce ops in the compiled program: {res['all_reduce_ops']}", flush=True)
+
     # a forced max_steps failure: shard_map raises on the host; GSPMD returns statuses (throw=False)
     t = time.perf_counter()
     try:
