@@ -7,7 +7,9 @@ Each device solves its own rows: the batch axis is split over a mesh axis with `
 device runs a ``jax.vmap`` of the per-example solver on its rows. The adaptive while-loops therefore never
 synchronise across devices (``jit(vmap(...))`` of a sharded batch lets GSPMD put an all-reduce into the solver's
 loop condition: one cross-device sync per step, and a solver failure that ends in a collective timeout and
-aborts the process — issue 15; ``benchmarks/README.md`` "Sharded evaluation" has the timings). ``check_vma`` is
+aborts the process — issue 15; ``benchmarks/README.md`` "Sharded evaluation" has the collective counts and
+timings: on a 2-core CPU with forced devices the speeds were within noise, the gain is expected where a
+collective costs a rendezvous, on GPUs and across hosts, and is not yet measured there). ``check_vma`` is
 off: the exact trace's JVPs against a constant identity, the adaptive while-loop carry and the Hutchinson/fixed-
 step ``cond`` branches mix device-varying and replicated values, which is correct here (nothing is reduced
 across devices) but which the varying-manual-axes type check rejects.
