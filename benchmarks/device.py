@@ -197,7 +197,7 @@ def bench_bits_per_dim(u, n, num_steps, num_probes, probes, results):
             "cold_s": cold,
         }
         print(
-            f"bits/dim ({probe}, {num_probes} probes, Heun {num_steps} steps) batch {n}: {n / warm:8.2f} "
+            f"bits/dim ({probe}, {traces[probe]!r}, Heun {num_steps} steps) batch {n}: {n / warm:8.2f} "
             f"images/s, bpd {np.mean(r.bits_per_dim):.3f}, SE median {np.median(se):.4f} max {np.max(se):.4f} "
             f"bits/dim -> {out[probe]['probes_for_0.01_bpd']} probes for 0.01",
             flush=True,
