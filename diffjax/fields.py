@@ -13,8 +13,10 @@ captured arrays are compiled in as constants and a fresh closure per call recomp
   from a kind's name.
 * :class:`ReverseSDEDrift`, :class:`ForwardSDEDiffusion`, :class:`ConstantDiffusion`: the pieces of the reverse-time
   SDE family f = u + ½g²∇log p.
-* Trace estimators :class:`ExactTrace` (O(D) extra memory per example, whatever D) and :class:`Hutchinson`
-  (fixed probes); :func:`divergence_exact` and :func:`divergence_hutchinson` are their one-call forms.
+* Trace estimators :class:`ExactTrace` (O(D) extra memory per example, whatever D: its JVPs run in chunks of
+  65,536 // D columns), :class:`Hutchinson` (fixed probes) and :class:`HutchPlusPlus` (exact on a sketched
+  low-rank part, Hutchinson on the rest); :func:`divergence_exact` and :func:`divergence_hutchinson` are the
+  one-call forms. ``per_probe`` returns each probe's estimate (the likelihood's standard error).
 
 Batching is ``jax.vmap``; divergences act on one example and never build cross-example Jacobian blocks.
 """
