@@ -8,7 +8,7 @@ SDE), ``likelihood`` (exact log-likelihood, bits/dim), ``vlb`` (continuous-time 
 (Gaussian-mixture oracle), ``solve`` and ``grids`` (ODE solves and time grids), ``nn`` (flax models), ``data``,
 ``train``, ``checkpoint``, ``samplers`` (fixed-step samplers for few evaluations: DDIM, DPM-Solver++, UniPC, EDM
 Heun), ``flow_maps`` (MeanFlow and shortcut models), ``conditioning`` (conditional models, condition dropout),
-``guidance`` (classifier-free guidance and its variants), ``schedules`` (learned monotone log-SNR schedules, VDM's
+``guidance`` (classifier-free guidance and its variants), ``couplings`` (minibatch OT and Schrödinger-bridge pairings), ``interpolants`` (non-Gaussian sources), ``schedules`` (learned monotone log-SNR schedules, VDM's
 joint step), ``importance`` (the schedule as importance sampling: variance-minimizing λ proposals, EDM2's
 uncertainty weighting) and ``transfer`` (a trained model used exactly on another path and kind). ``nn``, ``data``, ``train`` and ``checkpoint`` are
 imported lazily, on first use (``dj.train.fit`` or ``import diffjax.train``), so that ``import diffjax`` does not
@@ -57,6 +57,7 @@ from .fields import (
     AbstractTrace as AbstractTrace,
     ExactTrace as ExactTrace,
     Hutchinson as Hutchinson,
+    HutchPlusPlus as HutchPlusPlus,
     ScoreField as ScoreField,
     VelocityField as VelocityField,
     divergence_exact as divergence_exact,
@@ -150,9 +151,20 @@ __version__ = "0.1.0"
 # ``dj.sample_ode``, ``from diffjax import log_likelihood`` and ``import diffjax.train`` work as before; the
 # module is imported once, on first use, and then bound as an ordinary attribute.
 _LAZY_SUBMODULES = frozenset(
-    {"checkpoint", "data", "grids", "likelihood", "nn", "samplers", "sampling", "solve", "train"}
+    {
+        "checkpoint",
+        "data",
+        "grid_search",
+        "grids",
+        "likelihood",
+        "nn",
+        "samplers",
+        "sampling",
+        "sharded",
+        "solve",
+        "train",
+    }
 )
-_LAZY_SUBMODULES = _LAZY_SUBMODULES | {"grid_search"}  # optimized inference grids (optax, lazily)
 _LAZY_NAMES = {
     "LikelihoodResult": "likelihood",
     "bits_per_dim": "likelihood",
@@ -172,6 +184,9 @@ _LAZY_NAMES = {
     "EDMHeun": "samplers",
     "UniPC": "samplers",
     "optimize_grid": "grid_search",
+    "BitsPerDimResult": "likelihood",
+    "bits_per_dim_with_stats": "likelihood",
+    "probes_for_precision": "likelihood",
 }
 
 if TYPE_CHECKING:  # static analysers see the lazy names as ordinary attributes
@@ -184,15 +199,19 @@ if TYPE_CHECKING:  # static analysers see the lazy names as ordinary attributes
         nn as nn,
         samplers as samplers,
         sampling as sampling,
+        sharded as sharded,
         solve as solve,
         train as train,
     )
     from .grid_search import optimize_grid as optimize_grid
     from .likelihood import (
+        BitsPerDimResult as BitsPerDimResult,
         LikelihoodResult as LikelihoodResult,
         bits_per_dim as bits_per_dim,
+        bits_per_dim_with_stats as bits_per_dim_with_stats,
         log_likelihood as log_likelihood,
         log_likelihood_with_stats as log_likelihood_with_stats,
+        probes_for_precision as probes_for_precision,
     )
     from .samplers import (
         DDIM as DDIM,
@@ -265,6 +284,7 @@ __all__ = [
     "forward_sde_diffusion",
     "GaussianMixture",
     "Hutchinson",
+    "HutchPlusPlus",
     "implied_weighting",
     "ImpliedWeighting",
     "integration_interval",
@@ -330,17 +350,4 @@ __all__ = [
     "Sinkhorn",
 ]
 
-# Issue 15, sharded evaluation and image-sized likelihoods: ``diffjax.sharded`` (shard_map over every device and
-# process) and the likelihood's statistics load lazily like the other solver modules.
-_LAZY_SUBMODULES = _LAZY_SUBMODULES | {"sharded"}
-_LAZY_NAMES.update(
-    {
-        "BitsPerDimResult": "likelihood",
-        "bits_per_dim_with_stats": "likelihood",
-        "probes_for_precision": "likelihood",
-    }
-)
 __all__ += ["BitsPerDimResult", "bits_per_dim_with_stats", "probes_for_precision"]
-from .fields import HutchPlusPlus as HutchPlusPlus  # noqa: E402 (fields is already loaded above)
-
-__all__ += ["HutchPlusPlus"]
