@@ -243,9 +243,7 @@ def _probe_mean_and_se(ell, trace, dtype):
     return ell, jnp.full((), jnp.nan, dtype)
 
 
-def probes_for_precision(
-    standard_error: float, target: float, *, num_probes: int = 1
-) -> int:
+def probes_for_precision(standard_error: float, target: float, *, num_probes: int = 1) -> int:
     """Hutchinson probes needed for a target standard error: k = ⌈num_probes·(standard_error/target)²⌉.
 
     The probes' estimates are independent given the trajectory, so the standard error of their mean falls as
@@ -264,7 +262,9 @@ def probes_for_precision(
     if not (math.isfinite(tgt) and tgt > 0):
         raise ValueError(f"target must be a finite number > 0, got {target!r}")
     if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
-        raise ValueError(f"num_probes must be an int >= 1 (the probes the SE was measured with), got {num_probes!r}")
+        raise ValueError(
+            f"num_probes must be an int >= 1 (the probes the SE was measured with), got {num_probes!r}"
+        )
     return max(1, math.ceil(num_probes * (se / tgt) ** 2 - 1e-9))
 
 
@@ -300,8 +300,22 @@ def _controller(change, path, interval, rtol, atol, norm, num_steps):
     return diffrax.StepTo(ts=jnp.linspace(s_hi, s_lo, num_steps + 1))
 
 
-def _solve(velocity, path, change, trace, state, x_start, interval, x_ok, *, solver, controller, max_steps,
-           adjoint, num_ell=0):
+def _solve(
+    velocity,
+    path,
+    change,
+    trace,
+    state,
+    x_start,
+    interval,
+    x_ok,
+    *,
+    solver,
+    controller,
+    max_steps,
+    adjoint,
+    num_ell=0,
+):
     """The backward solve of [y, ℓ] from the data end to the noise end in the variable of ``change``.
 
     Returns (solution, status, nfe, t_fail in t, ends_ok); the solution's state is y = x/c.
@@ -429,10 +443,19 @@ def log_likelihood_with_stats(
     k = getattr(trace, "num_probes", 1)
     k = k if isinstance(k, int) and k > 1 else 0
     sol, status, nfe, t_fail, ends_ok = _solve(
-        velocity, path, change, trace, trace.init(key, x), x_start, (t_lo, t_hi), x_ok,
+        velocity,
+        path,
+        change,
+        trace,
+        trace.init(key, x),
+        x_start,
+        (t_lo, t_hi),
+        x_ok,
         solver=solve.resolve_solver(solver, num_steps),
         controller=_controller(change, path, (t_lo, t_hi), rtol, atol, norm, num_steps),
-        max_steps=max_steps if num_steps is None else num_steps, adjoint=adjoint, num_ell=k,
+        max_steps=max_steps if num_steps is None else num_steps,
+        adjoint=adjoint,
+        num_ell=k,
     )
     x0 = sol.ys[0][0] * change.scale(path, t_lo)[0].astype(x.dtype)
     delta, se = _probe_mean_and_se(sol.ys[1][0], trace, x.dtype)
@@ -499,6 +522,40 @@ def _dequantisation(key, k, num_dequant, dequant_noise, dtype):
     return u, key
 
 
+def _dequantised_log_likelihoods(
+    velocity, path, k, key, n_bits, num_levels, data_range, num_dequant, dequant_noise, ll_kwargs
+):
+    """The checked arguments of :func:`bits_per_dim` and the vmapped :func:`log_likelihood_with_stats` of each
+    dequantisation draw x = lo + a·(k + u)/L: ``(results, L, a, number of draws)`` (t = 0 noise, t = 1 data)."""
+    if "key" in ll_kwargs:
+        raise ValueError(
+            "pass key once, to bits_per_dim (it is split for dequantisation and probes)"
+        )
+    levels = int(num_levels) if num_levels is not None else 2 ** int(n_bits)
+    if levels < 2:
+        raise ValueError(f"need at least 2 levels, got num_levels={num_levels}, n_bits={n_bits}")
+    lo, hi = (float(v) for v in data_range)
+    if not hi > lo:
+        raise ValueError(f"data_range must be (lo, hi) with hi > lo, got {data_range}")
+    if int(num_dequant) < 1:
+        raise ValueError(f"num_dequant must be >= 1, got {num_dequant}")
+    k = jnp.asarray(k)
+    dtype = jnp.result_type(float)
+    u, key_ll = _dequantisation(key, k, int(num_dequant), dequant_noise, dtype)
+    hutchinson = not isinstance(as_trace(ll_kwargs.get("trace", "exact")), ExactTrace)
+    if hutchinson and key_ll is None:
+        raise ValueError("a Hutchinson trace needs key= for its probes")
+    keys = jax.random.split(key_ll, u.shape[0]) if hutchinson else None
+    a = hi - lo
+
+    def one(ui, ki):
+        x = lo + a * (k.astype(dtype) + ui) / levels
+        return log_likelihood_with_stats(velocity, path, x, key=ki, **ll_kwargs)
+
+    r = jax.vmap(one)(u, keys) if keys is not None else jax.vmap(lambda ui: one(ui, None))(u)
+    return r, levels, a, u.shape[0]
+
+
 class BitsPerDimResult(eqx.Module):
     """Bits per dimension of one integer-valued example and how it was computed (vmap for batches).
 
@@ -536,37 +593,24 @@ def bits_per_dim_with_stats(
     """:func:`bits_per_dim` with its Hutchinson standard error and the solves' status (never raises for a
     failed solve: check ``status`` with :func:`diffjax.solve.raise_if_failed`). Same arguments; t = 0 noise,
     t = 1 data."""
-    if "key" in ll_kwargs:
-        raise ValueError(
-            "pass key once, to bits_per_dim (it is split for dequantisation and probes)"
-        )
-    ll_kwargs = {**ll_kwargs, "throw": False}
-    levels = int(num_levels) if num_levels is not None else 2 ** int(n_bits)
-    if levels < 2:
-        raise ValueError(f"need at least 2 levels, got num_levels={num_levels}, n_bits={n_bits}")
-    lo, hi = (float(v) for v in data_range)
-    if not hi > lo:
-        raise ValueError(f"data_range must be (lo, hi) with hi > lo, got {data_range}")
-    if int(num_dequant) < 1:
-        raise ValueError(f"num_dequant must be >= 1, got {num_dequant}")
+    r, levels, a, n = _dequantised_log_likelihoods(
+        velocity,
+        path,
+        k,
+        key,
+        n_bits,
+        num_levels,
+        data_range,
+        num_dequant,
+        dequant_noise,
+        {**ll_kwargs, "throw": False},
+    )
     k = jnp.asarray(k)
     dtype = jnp.result_type(float)
-    u, key_ll = _dequantisation(key, k, int(num_dequant), dequant_noise, dtype)
-    hutchinson = not isinstance(as_trace(ll_kwargs.get("trace", "exact")), ExactTrace)
-    if hutchinson and key_ll is None:
-        raise ValueError("a Hutchinson trace needs key= for its probes")
-    keys = jax.random.split(key_ll, u.shape[0]) if hutchinson else None
-    a = hi - lo
-
-    def one(ui, ki):
-        x = lo + a * (k.astype(dtype) + ui) / levels
-        return log_likelihood_with_stats(velocity, path, x, key=ki, **ll_kwargs)
-
-    r = jax.vmap(one)(u, keys) if keys is not None else jax.vmap(lambda ui: one(ui, None))(u)
     logp = jnp.where(r.status == solve.SUCCESSFUL, r.log_prob, jnp.nan)
     scale = k.size * math.log(2.0)
     nll_bits = -(logp + k.size * math.log(a / levels)) / scale
-    se = jnp.sqrt(jnp.sum(jnp.square(r.log_prob_se))) / (u.shape[0] * scale)
+    se = jnp.sqrt(jnp.sum(jnp.square(r.log_prob_se))) / (n * scale)
     bad = r.status != solve.SUCCESSFUL
     first = jnp.argmax(bad)
     return BitsPerDimResult(
@@ -615,32 +659,19 @@ def bits_per_dim(
         **ll_kwargs: passed to :func:`log_likelihood` (trace, solver, rtol, atol, endpoint, …; not ``key``).
             With ``throw=False`` a failed solve makes the result NaN instead of raising.
     """
-    if "key" in ll_kwargs:
-        raise ValueError(
-            "pass key once, to bits_per_dim (it is split for dequantisation and probes)"
-        )
-    levels = int(num_levels) if num_levels is not None else 2 ** int(n_bits)
-    if levels < 2:
-        raise ValueError(f"need at least 2 levels, got num_levels={num_levels}, n_bits={n_bits}")
-    lo, hi = (float(v) for v in data_range)
-    if not hi > lo:
-        raise ValueError(f"data_range must be (lo, hi) with hi > lo, got {data_range}")
-    if int(num_dequant) < 1:
-        raise ValueError(f"num_dequant must be >= 1, got {num_dequant}")
+    r, levels, a, _ = _dequantised_log_likelihoods(
+        velocity,
+        path,
+        k,
+        key,
+        n_bits,
+        num_levels,
+        data_range,
+        num_dequant,
+        dequant_noise,
+        ll_kwargs,
+    )
     k = jnp.asarray(k)
-    dtype = jnp.result_type(float)
-    u, key_ll = _dequantisation(key, k, int(num_dequant), dequant_noise, dtype)
-    hutchinson = not isinstance(as_trace(ll_kwargs.get("trace", "exact")), ExactTrace)
-    if hutchinson and key_ll is None:
-        raise ValueError("a Hutchinson trace needs key= for its probes")
-    keys = jax.random.split(key_ll, u.shape[0]) if hutchinson else None
-    a = hi - lo
-
-    def one(ui, ki):
-        x = lo + a * (k.astype(dtype) + ui) / levels
-        r = log_likelihood_with_stats(velocity, path, x, key=ki, **ll_kwargs)
-        return jnp.where(r.status == solve.SUCCESSFUL, r.log_prob, jnp.nan)
-
-    logp = jax.vmap(one)(u, keys) if keys is not None else jax.vmap(lambda ui: one(ui, None))(u)
+    logp = jnp.where(r.status == solve.SUCCESSFUL, r.log_prob, jnp.nan)
     nll_bits = -(logp + k.size * math.log(a / levels)) / (k.size * math.log(2.0))
     return jnp.mean(nll_bits)
