@@ -124,6 +124,17 @@ def eight_gaussians_centers(dtype=None) -> Float[Array, "8 2"]:
     return EIGHT_GAUSSIANS_RADIUS * jnp.stack([jnp.cos(ang), jnp.sin(ang)], axis=-1)
 
 
+def eight_gaussians_mixture():
+    """The 8-Gaussians data set (:func:`sample_8gaussians`) as a :class:`diffjax.GaussianMixture`: equal weights,
+    centres :func:`eight_gaussians_centers`, variance ``EIGHT_GAUSSIANS_STD``² — its exact density, score and
+    velocity on any path (t = 0 noise, t = 1 data)."""
+    from .analytic import GaussianMixture  # noqa: PLC0415
+
+    return GaussianMixture(
+        np.full(8, 1 / 8), np.asarray(eight_gaussians_centers()), np.full(8, EIGHT_GAUSSIANS_STD**2)
+    )
+
+
 def sample_8gaussians(key: PRNGKeyArray, n: int) -> Float[Array, "n 2"]:
     """Equal mixture of 8 Gaussians N(c_k, s² I) with centres c_k on a circle of radius 2 and s = 0.25."""
     return sample_8gaussians_with_labels(key, n)[0]

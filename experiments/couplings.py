@@ -160,15 +160,9 @@ def known_ot_map(batch_sizes, n_total: int, seed: int) -> dict:
 
 def eight_gaussians():
     """The 8-Gaussians data set as a GaussianMixture (the moons toy's source, with a log-density)."""
-    import numpy as np  # noqa: PLC0415
-
     import diffjax as dj  # noqa: PLC0415
 
-    return dj.GaussianMixture(
-        np.full(8, 1 / 8),
-        np.asarray(dj.data.eight_gaussians_centers()),
-        np.full(8, dj.data.EIGHT_GAUSSIANS_STD**2),
-    )
+    return dj.data.eight_gaussians_mixture()
 
 
 def coupling_for(name: str):

@@ -277,15 +277,9 @@ def draw_all(models: dict, key, n: int, shape, rows=SAMPLER_ROWS, prefix: str = 
 
 def eight_gaussians():
     """The 8-Gaussians data set (``diffjax.data.sample_8gaussians``) written as a GaussianMixture: its density."""
-    import numpy as np  # noqa: PLC0415
-
     import diffjax as dj  # noqa: PLC0415
 
-    return dj.GaussianMixture(
-        np.full(8, 1 / 8),
-        np.asarray(dj.data.eight_gaussians_centers()),
-        np.full(8, dj.data.EIGHT_GAUSSIANS_STD**2),
-    )
+    return dj.data.eight_gaussians_mixture()
 
 
 def binned_tv(xs, ys, lim: float, bins: int = TV_BINS) -> float:

@@ -290,15 +290,9 @@ def proposal_curves(objectives: dict, lams):
 
 
 def _eight_gaussians():
-    import numpy as np  # noqa: PLC0415
-
     import diffjax as dj  # noqa: PLC0415
 
-    return dj.GaussianMixture(
-        np.full(8, 1 / 8),
-        np.asarray(dj.data.eight_gaussians_centers()),
-        np.full(8, dj.data.EIGHT_GAUSSIANS_STD**2),
-    )
+    return dj.data.eight_gaussians_mixture()
 
 
 def run_dataset(name: str, args) -> dict:
