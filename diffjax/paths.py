@@ -363,6 +363,17 @@ class CosinePath(AbstractPath):
         return Normal(1.0)
 
 
+def _linear_beta(beta_min, beta_max, t):
+    """score_sde's linear β at its time s = 1 − t (t = 0 noise, t = 1 data): β_min + s·(β_max − β_min)."""
+    return beta_min + (1.0 - t) * (beta_max - beta_min)
+
+
+def _linear_beta_integral(beta_min, beta_max, t):
+    """Γ(t) = ∫_0^{1−t} β(s) ds = ½s²(β_max − β_min) + s·β_min with s = 1 − t (VP and sub-VP)."""
+    s = 1.0 - t
+    return 0.5 * s**2 * (beta_max - beta_min) + s * beta_min
+
+
 class VPPath(AbstractPath):
     """score_sde's variance-preserving SDE with linear β, time-reversed to t = 0 noise, t = 1 data.
 
@@ -394,12 +405,11 @@ class VPPath(AbstractPath):
         return self.eps
 
     def _gamma(self, t):
-        s = 1.0 - t
-        return 0.5 * s**2 * (self.beta_max - self.beta_min) + s * self.beta_min
+        return _linear_beta_integral(self.beta_min, self.beta_max, t)
 
     def beta(self, t: Scalar) -> Float[Array, ""]:
         """β at papers' time s = 1 − t; also the reverse-SDE diffusion g² = σ²λ̇ of score_sde."""
-        return self.beta_min + (1.0 - _as_time(t)) * (self.beta_max - self.beta_min)
+        return _linear_beta(self.beta_min, self.beta_max, _as_time(t))
 
     def _alpha(self, t):
         return jnp.exp(-0.5 * self._gamma(t))
@@ -958,11 +968,10 @@ class SubVPPath(AbstractPath):
         return self.eps
 
     def _gamma(self, t):
-        s = 1.0 - t
-        return 0.5 * s**2 * (self.beta_max - self.beta_min) + s * self.beta_min
+        return _linear_beta_integral(self.beta_min, self.beta_max, t)
 
     def _beta(self, t):
-        return self.beta_min + (1.0 - t) * (self.beta_max - self.beta_min)
+        return _linear_beta(self.beta_min, self.beta_max, t)
 
     def beta(self, t: Scalar) -> Float[Array, ""]:
         """β at papers' time s = 1 − t (t = 0 noise, t = 1 data)."""
